@@ -1,0 +1,242 @@
+"""
+Small utilities shared by every part of nanochat-rag: printing on rank 0, the base directory,
+device detection, torch.distributed setup (NCCL on GPU, gloo on CPU) and atomic file writes.
+
+Nothing here has a CLI; import what you need:
+    from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir
+"""
+
+import os
+import json
+import shutil
+import logging
+import tempfile
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+# -----------------------------------------------------------------------------
+# printing and paths
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so a torchrun of N processes logs once."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def get_base_dir():
+    """Where checkpoints, tokenizer, data shards and reports live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR")
+    if not base_dir:
+        base_dir = os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def repo_dir():
+    """The root of this repository (one level above nanochat/)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -----------------------------------------------------------------------------
+# devices and distributed
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def is_ddp():
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from the torchrun environment; (False, 0, 0, 1) otherwise."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=""):
+    """
+    Set seeds and precision, and (under torchrun) the process group: NCCL on CUDA, gloo on CPU.
+    Returns (ddp, rank, local_rank, world_size, device).
+    """
+    device_type = device_type or autodetect_device_type()
+    assert device_type in ("cuda", "mps", "cpu"), f"unknown device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was asked for but torch.cuda.is_available() is False")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp:
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            device = torch.device(device_type)
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def get_peak_flops(device_type):
+    """bf16 dense peak of the current accelerator, for MFU. CPU: None (MFU is not reported)."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name().lower()
+    if "h100" in name or "h200" in name or "h800" in name or "gh200" in name:
+        return 989e12
+    if "a100" in name or "a800" in name:
+        return 312e12
+    if "b200" in name:
+        return 2250e12
+    if "4090" in name:
+        return 165e12
+    return 312e12  # conservative default; MFU may read high on faster chips
+
+
+# -----------------------------------------------------------------------------
+# atomic writes: a crash never leaves a half-written artefact
+
+
+@contextlib.contextmanager
+def atomic_path(final_path):
+    """
+    Yields a temporary path next to final_path; on success it is renamed onto final_path (os.replace is
+    atomic on POSIX within one filesystem). On any exception the temp file is removed and final_path is
+    untouched.
+        with atomic_path("model.pt") as tmp: torch.save(obj, tmp)
+    """
+    final_path = os.fspath(final_path)
+    d = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final_path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        yield tmp
+        # mkstemp creates 0600 files; give the artefact the permissions a plain open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, final_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir, keep_old=False):
+    """
+    Yields a fresh temporary directory next to final_dir; on success it replaces final_dir (the old one,
+    if any, is moved aside and then deleted, so there is never a moment with a half-written final_dir).
+    On any exception the temp dir is deleted and final_dir is left as it was.
+    """
+    final_dir = os.path.abspath(os.fspath(final_dir))
+    parent = os.path.dirname(final_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final_dir) + ".", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(final_dir):
+        old = tempfile.mkdtemp(prefix="." + os.path.basename(final_dir) + ".", suffix=".old", dir=parent)
+        os.rmdir(old)
+        os.rename(final_dir, old)
+    os.rename(tmp, final_dir)
+    if old is not None and not keep_old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# -----------------------------------------------------------------------------
+# misc
+
+
+class DummyWandb:
+    """Stand-in for a wandb run when logging is off, so training loops call .log() unconditionally."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def append_jsonl(path, record):
+    """Append one JSON record (used for per-step training logs that report.py turns into plots)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# training helpers shared by base_train / chat_sft / rag_finetune
+
+
+def get_autocast_ctx(device_type):
+    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 matmuls are slow and the tests want fp32)."""
+    if device_type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+    """Linear warmup, flat, then linear warmdown to final_lr_frac (the trapezoid nanochat uses)."""
+    warmup = round(warmup_ratio * num_steps)
+    warmdown = round(warmdown_ratio * num_steps)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if warmdown > 0 and step >= num_steps - warmdown:
+        progress = (num_steps - step) / warmdown
+        return progress * 1.0 + (1 - progress) * final_lr_frac
+    return 1.0
+
+
+def dual(name):
+    """'--block-pattern' and '--block_pattern' for argparse: both spellings work in every script."""
+    dashed = "--" + name.lstrip("-").replace("_", "-")
+    under = "--" + name.lstrip("-").replace("-", "_")
+    return [dashed] if dashed == under else [dashed, under]

@@ -1,0 +1,165 @@
+"""Tests for nanochat/gpt.py: config validation, gradients, optimizer groups, FLOPs accounting, compile."""
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig, parse_block_pattern
+from nanochat.mamba import mamba_flops_per_token
+
+
+def tiny_config(pattern, **kw):
+    n = len(parse_block_pattern(pattern, len(pattern.replace(",", "")))) if isinstance(pattern, str) else len(pattern)
+    cfg = dict(sequence_len=64, vocab_size=97, n_layer=n, n_head=4, n_kv_head=2, n_embd=64, block_pattern=pattern,
+               mamba_d_state=16, mamba_headdim=16, mamba_chunk_size=8)
+    cfg.update(kw)
+    return GPTConfig(**cfg)
+
+
+def make_model(pattern, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(pattern, **kw))
+    model.init_weights()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# block patterns
+
+def test_block_pattern_spellings():
+    assert parse_block_pattern("TTMM", 4) == ["T", "T", "M", "M"]
+    assert parse_block_pattern("T,T,M,M", 4) == ["T", "T", "M", "M"]
+    assert parse_block_pattern(["T", "m", "T"], 3) == ["T", "M", "T"]
+    assert parse_block_pattern(None, 3) == ["T", "T", "T"]
+    assert GPTConfig(n_layer=2, n_embd=64, n_head=1, n_kv_head=1, block_pattern="TM").block_pattern == ["T", "M"]
+
+
+@pytest.mark.parametrize("pattern,n_layer,needle", [
+    ("TTX", 3, "'X'"),           # unknown letter named
+    ("TTM", 4, "3 blocks"),      # wrong length
+    ("", 2, "empty"),
+    ([], 2, "empty"),
+    (["T", 1], 2, "1"),
+    (42, 2, "42"),
+    ("T,A", 2, "'A'"),
+])
+def test_bad_block_patterns_raise(pattern, n_layer, needle):
+    with pytest.raises(ValueError) as e:
+        GPTConfig(n_layer=n_layer, n_embd=64, n_head=1, n_kv_head=1, block_pattern=pattern)
+    assert needle in str(e.value)
+
+
+def test_bad_head_configs_raise():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(n_layer=1, n_embd=60, n_head=7, n_kv_head=7)
+    with pytest.raises(ValueError, match="mamba_headdim"):
+        GPTConfig(n_layer=1, n_embd=40, n_head=1, n_kv_head=1, block_pattern="M", mamba_headdim=64)
+
+
+# -----------------------------------------------------------------------------
+# training-time behaviour
+
+@pytest.mark.parametrize("pattern", ["TT", "MM", "TMMT"])
+def test_every_parameter_gets_a_gradient(pattern):
+    model = make_model(pattern)
+    opts = model.setup_optimizers()
+    idx = torch.randint(0, 97, (2, 24))
+    # zero-initialized output projections block gradients at step 0, so take one step first
+    for _ in range(2):
+        loss = model(idx, idx)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+    loss = model(idx, idx)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_optimizer_groups_cover_each_parameter_once():
+    model = make_model("TMTM")
+    adamw, muon = model.setup_optimizers()
+    adam_ids = [id(p) for g in adamw.param_groups for p in g["params"]]
+    muon_ids = [id(p) for g in muon.param_groups for p in g["params"]]
+    assert len(set(adam_ids) & set(muon_ids)) == 0
+    assert sorted(adam_ids + muon_ids) == sorted(id(p) for p in model.parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[i] for i in muon_ids}
+    adam_names = {names[i] for i in adam_ids}
+    assert all(model.get_parameter(n).ndim == 2 for n in muon_names)
+    for suffix in ("A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"):
+        assert any(n.endswith(suffix) for n in adam_names), suffix
+        assert not any(n.endswith(suffix) for n in muon_names), suffix
+    assert "transformer.wte.weight" in adam_names and "lm_head.weight" in adam_names
+    assert any(n.endswith("mixer.in_proj.weight") for n in muon_names)
+    assert any(n.endswith("attn.c_q.weight") for n in muon_names)
+
+
+def test_training_lowers_the_loss():
+    model = make_model("TM")
+    opts = model.setup_optimizers(matrix_lr=0.02, embedding_lr=0.05, unembedding_lr=0.01)
+    idx = torch.randint(0, 97, (4, 32))
+    first = None
+    for _ in range(30):
+        loss = model(idx, idx.roll(-1, 1))
+        first = loss.item() if first is None else first
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+    assert loss.item() < first - 0.5
+
+
+def test_ignore_index_and_reduction():
+    model = make_model("TM")
+    idx = torch.randint(0, 97, (2, 16))
+    tgt = idx.clone()
+    tgt[:, :8] = -1
+    per_tok = model(idx, tgt, loss_reduction="none").view(2, 16)
+    assert (per_tok[:, :8] == 0).all()
+    assert torch.allclose(model(idx, tgt), per_tok[:, 8:].mean(), atol=1e-6)
+
+
+def test_state_dict_round_trip(tmp_path):
+    model = make_model("TMM")
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    other = GPT(model.config)
+    other.init_weights()
+    other.load_state_dict(torch.load(path, weights_only=True))
+    idx = torch.randint(0, 97, (2, 20))
+    assert torch.equal(model(idx), other(idx))
+
+
+def test_estimate_flops_counts_attention_and_ssd():
+    t = make_model("TT")
+    m = make_model("MM")
+    cfg = t.config
+    head_dim = cfg.n_embd // cfg.n_head
+    nonembed = lambda mod: mod.num_params() - mod.transformer.wte.weight.numel()
+    assert t.estimate_flops() == 6 * nonembed(t) + 2 * 12 * cfg.n_head * head_dim * cfg.sequence_len
+    ssd = mamba_flops_per_token(cfg.n_embd, cfg.mamba_d_state, cfg.mamba_expand, cfg.mamba_headdim,
+                                cfg.mamba_ngroups, cfg.mamba_chunk_size)
+    assert ssd > 0
+    assert m.estimate_flops() == 6 * nonembed(m) + 2 * 3 * ssd
+
+
+@pytest.mark.slow
+def test_whole_model_torch_compile_matches_eager():
+    model = make_model("TMMT")
+    idx = torch.randint(0, 97, (2, 24))
+    eager = model(idx, idx)
+    eager.backward()
+    g_eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, dynamic=False)
+    loss = compiled(idx, idx)
+    loss.backward()
+    assert abs(loss.item() - eager.item()) < 1e-5
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, g_eager[n], atol=1e-5, rtol=1e-4), n
