@@ -42,6 +42,12 @@ def repo_dir():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def builtin_dir():
+    """Where the built-in offline data lives (corpus/, kb_documents.jsonl, qa_*.jsonl, kb/):
+    $NANOCHAT_BUILTIN_DIR, else <repo>/data/builtin."""
+    return os.environ.get("NANOCHAT_BUILTIN_DIR") or os.path.join(repo_dir(), "data", "builtin")
+
+
 # -----------------------------------------------------------------------------
 # devices and distributed
 
@@ -166,6 +172,9 @@ def atomic_dir(final_dir, keep_old=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 dirs
     old = None
     if os.path.exists(final_dir):
         old = tempfile.mkdtemp(prefix="." + os.path.basename(final_dir) + ".", suffix=".old", dir=parent)

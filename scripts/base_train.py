@@ -131,9 +131,12 @@ print0(f"parameters: {num_params:,}; estimated FLOPs per token: {flops_per_token
 use_compile = args.compile if args.compile != -1 else int(device_type == "cuda")
 if use_compile:
     model = torch.compile(model, dynamic=False)
+eval_model = model  # compiled but never DDP-wrapped: evaluation must not issue collectives
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    # no buffer broadcast: the only buffers are the rotary tables, identical on every rank; a broadcast per
+    # forward would also turn every eval forward into a collective that all ranks must match
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 # horizon
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
@@ -201,7 +204,7 @@ while True:
         orig_model.eval()
         val_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val",
                                                         device=device, data_dir=args.data_dir)
-        val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, autocast_ctx)
+        val_bpb = evaluate_bpb(eval_model, val_loader, eval_steps, token_bytes, autocast_ctx)
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         log_step("base_train", dict(step=step, val=val_bpb, val_name="val bpb"))

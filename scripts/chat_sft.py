@@ -102,6 +102,8 @@ def sft_batches(task, tokenizer, B, T, device, rank=0, world_size=1, seed=42, re
         return order[rank::world_size]
 
     mine = shard(epoch)
+    if len(mine) == 0 and max_epochs is None:
+        raise ValueError(f"rank {rank} gets no examples: the task has {n} examples for {world_size} processes")
     rows, row_ids, row_mask = [], [], []
     skipped = 0
 
@@ -231,9 +233,12 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
     use_compile = args.compile if args.compile != -1 else int(device_type == "cuda")
     if use_compile:
         model = torch.compile(model, dynamic=False)
+    eval_model = model  # compiled but never DDP-wrapped: evaluation must not issue collectives
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # no buffer broadcast: the only buffers are the rotary tables, identical on every rank; a broadcast per
+        # forward would also turn every eval forward into a collective that all ranks must match
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
@@ -271,7 +276,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
         if val_task is not None and (last_step or step % args.eval_every == 0):
             orig_model.eval()
             val_iter = sft_batches(val_task, tokenizer, B, T, device, rank, world_size, seed=0, max_epochs=1)
-            val_loss = evaluate_loss(model, val_iter, args.eval_steps, autocast_ctx)
+            val_loss = evaluate_loss(eval_model, val_iter, args.eval_steps, autocast_ctx)
             first_val = val_loss if first_val is None else first_val
             print0(f"step {step:05d} | val loss {val_loss:.4f}")
             log_step(stage, dict(step=step, val=val_loss, val_name="val loss"))
@@ -347,7 +352,7 @@ def build_sft_tasks(args):
     extra = [CustomJSON(p) for p in args.custom_json]
     if args.data == "builtin":
         from tasks.stdlib_qa import StdlibChat
-        train = [StdlibChat("train"), CustomJSON(identity)] + extra
+        train = [StdlibChat("train")] + extra  # the built-in chat set already mixes in data/identity_conversations.jsonl
         val = StdlibChat("val")
     elif args.data == "smoltalk":
         from tasks.smoltalk import SmolTalk

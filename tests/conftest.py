@@ -49,3 +49,82 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+# -----------------------------------------------------------------------------
+# a tiny end-to-end environment for the script tests (base_train, chat_sft, rag_finetune, rag_eval)
+
+PIPELINE_MODULES = ["json", "textwrap", "heapq", "bisect", "string", "shlex", "csv", "fnmatch", "glob", "difflib",
+                    "base64", "colorsys", "statistics", "fractions", "calendar", "html", "queue", "sched"]
+
+
+@pytest.fixture(scope="session")
+def pipeline_data(tmp_path_factory):
+    """Built-in data from a handful of stdlib modules (a few held out) + a 512-token tokenizer."""
+    from nanochat.stdlib_docs import harvest, is_eval_module
+    from nanochat.dataset import build_builtin_corpus
+    from tasks.stdlib_qa import build_stdlib_data
+    from nanochat.tokenizer import Tokenizer
+    from nanochat.dataset import iter_texts
+    root = tmp_path_factory.mktemp("pipeline")
+    builtin = root / "builtin"
+    records = harvest(modules=PIPELINE_MODULES, progress=False)
+    assert any(is_eval_module(m) for m in PIPELINE_MODULES) and not all(is_eval_module(m) for m in PIPELINE_MODULES)
+    build_builtin_corpus(builtin / "corpus", num_shards=4, records=records, progress=False)
+    build_stdlib_data(builtin, max_docs=300, max_train=160, max_eval=20, max_sft=200, records=records, progress=False,
+                      doc_chars=300)
+    tok = Tokenizer.train_from_iterator(iter_texts(str(builtin / "corpus"), "train"), vocab_size=512)
+    tok_dir = root / "tokenizer"
+    tok.save(str(tok_dir))
+    return dict(root=root, builtin=builtin, corpus=builtin / "corpus", tokenizer_dir=tok_dir)
+
+
+@pytest.fixture()
+def pipeline_env(pipeline_data, tmp_path):
+    """Environment for a subprocess run: a fresh NANOCHAT_BASE_DIR holding the tokenizer, the built-in data dir."""
+    import shutil
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copytree(pipeline_data["tokenizer_dir"], base / "tokenizer")
+    env = dict(os.environ)
+    env.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_BUILTIN_DIR=str(pipeline_data["builtin"]), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return dict(env=env, base=base, **pipeline_data)
+
+
+def run_script(args, env, timeout=300, expect_ok=True):
+    """python -m <args...> (or torchrun ...) in the repo root; returns CompletedProcess; asserts success by default."""
+    import subprocess
+    cmd = args if args[0] in ("torchrun",) else [sys.executable, "-m"] + args
+    if cmd[0] == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run"] + cmd[1:]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok:
+        assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+TINY_MODEL = ["--depth", "2", "--block-pattern", "TM", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",
+              "--mamba-d-state", "16", "--mamba-headdim", "16", "--mamba-chunk-size", "32"]
+
+
+@pytest.fixture(scope="session")
+def trained_base(pipeline_data, tmp_path_factory):
+    """A tiny TM base model trained for a few dozen steps, shared by the SFT / RAG script tests."""
+    import shutil
+    base = tmp_path_factory.mktemp("trained_base")
+    shutil.copytree(pipeline_data["tokenizer_dir"], base / "tokenizer")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_BUILTIN_DIR=str(pipeline_data["builtin"]),
+               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    run_script(["scripts.base_train", *TINY_MODEL, "--device-batch-size", "4", "--total-batch-size", "1024",
+                "--data-dir", str(pipeline_data["corpus"]), "--num-iterations", "30", "--eval-every", "-1",
+                "--sample-every", "-1", "--model-tag", "tiny"], env)
+    return base / "base_checkpoints"
+
+
+@pytest.fixture()
+def sft_env(pipeline_env, trained_base):
+    """pipeline_env plus the trained tiny base checkpoint."""
+    import shutil
+    shutil.copytree(trained_base, pipeline_env["base"] / "base_checkpoints")
+    return pipeline_env

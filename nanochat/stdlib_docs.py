@@ -1,0 +1,465 @@
+"""
+Harvest the documentation of the Python standard library: the built-in, offline text every Python install has.
+It feeds the built-in pretraining corpus (nanochat/dataset.py --builtin) and the built-in KB / QA / SFT data
+(tasks/stdlib_qa.py), so the whole pipeline runs on a machine with no internet.
+
+    from nanochat.stdlib_docs import harvest, is_eval_module, record_split
+    records = harvest()                    # ~6.6k records in a few seconds; a list of dicts sorted by id
+    records = harvest(modules=["json"])    # just one package (and its public submodules)
+    python -m nanochat.stdlib_docs         # print the counts and a few records (nothing is written)
+
+A record is
+    {"id": "textwrap.dedent", "module": "textwrap", "name": "dedent", "kind": "function",
+     "signature": "dedent(text)", "doc": "Remove any common leading whitespace from every line in `text`. ..."}
+kind is "module" (the module docstring), "function", "class" (the class docstring with its own __init__
+docstring folded in), "method" (name "Class.method", signature without self) or "topic" (the language-reference
+topics of pydoc_data.topics, the text behind help("for"); id "topic:for", module "").
+
+What is walked: sys.stdlib_module_names minus private modules (_x), test packages, applications and toys (idlelib,
+turtledemo, lib2to3, antigravity, this), platform implementation modules that are documented as part of another
+(posix/nt are `os`, posixpath/ntpath/genericpath are `os.path`), distutils (setuptools replaces it on import,
+so its docs would depend on what is installed), and anything that fails to import here (Windows-only modules).
+Packages contribute their public submodules up to MAX_DEPTH dotted components (email.mime.text). The imports run
+in a fresh `python -I -S` subprocess (so the caller's process is untouched and the result does not depend on what
+it imported or on site-packages), each with stdout/stderr sent to /dev/null, warnings silenced and a timeout, so
+nothing prints, pops up or hangs. tkinter and turtle are imported but nothing is ever instantiated.
+An object belongs to the module whose name its __module__ carries; objects of private accelerator modules
+(heapq.heappush lives in _heapq, os.getcwd in posix) belong to the public module that exports them.
+
+The held-out split (the point of the whole exercise): WHOLE top-level packages are held out for evaluation.
+    is_eval_module(name)  <=>  int(sha1(top-level package name).hexdigest(), 16) % 5 == 0
+so ~20% of top-level modules are "eval" (on 3.11: base64, contextlib, difflib, glob, html, http, inspect,
+itertools, pathlib, urllib, xml, ...), submodules follow their package (urllib.parse is eval because urllib is),
+and the rule is stable across machines and Python versions. Topics are always "train". The pretraining corpus
+never contains a record of an eval module, so a closed-book answer about one cannot come from pretraining; the
+KB contains them all, so retrieval can answer them.
+
+Output is deterministic given the Python version: records sorted by id, records with empty docs dropped, exact
+duplicate docs kept once (first by id), and signature defaults shown as literals or names only (a repr could hold
+memory addresses, sys.executable, or the whole environment: cgi.parse(environ=os.environ)). Nothing is cached.
+"""
+
+import io
+import os
+import re
+import sys
+import json
+import enum
+import time
+import signal
+import inspect
+import hashlib
+import threading
+import pkgutil
+import warnings
+import importlib
+import tempfile
+import contextlib
+import subprocess
+from collections import Counter
+
+# -----------------------------------------------------------------------------
+# what to walk
+
+MAX_DEPTH = 3  # dotted components: email.mime.text is walked, deeper modules are not
+IMPORT_TIMEOUT_S = 10.0
+
+# never imported: side effects on import (this prints, antigravity opens a browser, idlelib.idle starts IDLE,
+# lib2to3 writes grammar pickles next to itself), toys/test extensions (xx*), or docs that depend on the
+# environment (setuptools swaps in its own distutils)
+SKIP_TOP = {"antigravity", "this", "idlelib", "turtledemo", "lib2to3", "distutils", "test",
+            "xxsubtype", "xxlimited", "xxlimited_35", "pydoc_data"}
+# implementation modules documented as part of a public one: their objects are claimed by that module
+IMPL_HOME = {"posix": "os", "nt": "os", "posixpath": "os.path", "ntpath": "os.path", "genericpath": "os.path"}
+IMPL_MODULES = set(IMPL_HOME)
+# submodule name components that are never walked (tests, entry points, codec tables)
+SKIP_PARTS = {"test", "tests", "idle_test", "__main__"}
+SKIP_SUBMODULES_OF = {"encodings"}  # ~120 generated codec tables: noise, one package doc is enough
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def is_eval_module(name):
+    """True if module `name` (e.g. "urllib.parse") is held out for evaluation: sha1(top-level name) % 5 == 0."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"is_eval_module: expected a module name, got {name!r}")
+    top = name.split(".")[0]
+    return int(hashlib.sha1(top.encode("utf-8")).hexdigest(), 16) % 5 == 0
+
+
+def record_split(record):
+    """'train' or 'eval' for a harvested record: topics are always train, the rest follow their module."""
+    if record["kind"] == "topic":
+        return "train"
+    return "eval" if is_eval_module(record["module"]) else "train"
+
+
+def top_level_modules():
+    """The public top-level stdlib modules we walk, sorted."""
+    names = []
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in SKIP_TOP or name in IMPL_MODULES:
+            continue
+        names.append(name)
+    return names
+
+# -----------------------------------------------------------------------------
+# quiet, bounded imports
+
+
+@contextlib.contextmanager
+def _silenced():
+    """Send stdout/stderr (Python-level and fd-level: C extensions write to fd 1/2 directly) to /dev/null."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    saved = []
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:  # no real fds (e.g. some notebook kernels): Python-level redirection still applies
+        pass
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+class _ImportTimeout(Exception):
+    pass
+
+
+def _quiet_import(name):
+    """Import a module silently with a timeout; returns (module, None) or (None, "reason")."""
+    use_alarm = hasattr(signal, "setitimer") and _in_main_thread()
+    if use_alarm:
+        def on_alarm(signum, frame):
+            raise _ImportTimeout(f"import took longer than {IMPORT_TIMEOUT_S}s")
+        old_handler = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, IMPORT_TIMEOUT_S)
+    try:
+        with _silenced():
+            module = importlib.import_module(name)
+        return module, None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a SystemExit from a module's top level is a failure too, not our exit
+        return None, f"{type(e).__name__}: {e}"[:200]
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
+
+
+def _in_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+def _submodule_names(package):
+    """Public submodules of a package (listed from its __path__ without importing them), sorted."""
+    path = getattr(package, "__path__", None)
+    if not path or package.__name__ in SKIP_SUBMODULES_OF or package.__name__.count(".") + 1 >= MAX_DEPTH:
+        return []
+    names = []
+    for info in pkgutil.iter_modules(path):
+        if info.name.startswith("_") or info.name in SKIP_PARTS:
+            continue
+        names.append(package.__name__ + "." + info.name)
+    return sorted(names)
+
+# -----------------------------------------------------------------------------
+# records
+
+
+def _clean_doc(doc):
+    if not isinstance(doc, str):
+        return ""
+    doc = inspect.cleandoc(doc)
+    lines = [line.rstrip() for line in doc.splitlines()]
+    return "\n".join(lines).strip()
+
+
+def _own_doc(obj):
+    """The object's own docstring (not one inherited from a base class, which inspect.getdoc would return)."""
+    if isinstance(obj, type):
+        return _clean_doc(obj.__dict__.get("__doc__"))
+    return _clean_doc(getattr(obj, "__doc__", None))
+
+
+def _signature(obj, name, drop_first=False):
+    """"name(params)" from inspect.signature, "" when it has none; drop_first drops self/cls of a method."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return ""
+    params = list(sig.parameters.values())
+    if drop_first and params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        params = params[1:]
+    params = [p if p.default is p.empty else p.replace(default=_Shown(_default_text(p.default))) for p in params]
+    try:
+        sig = sig.replace(parameters=params)
+    except ValueError:
+        return ""
+    return _ADDRESS.sub("", f"{name}{sig}")
+
+
+class _Shown:
+    """Stands in for a default value in a signature; its repr is the text we chose to show."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+def _machine_strings():
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.executable, os.path.expanduser("~"), os.getcwd()}
+    return [p for p in paths if p and len(p) > 1]
+
+
+def _default_text(value, depth=0):
+    """
+    How a default value is shown. Plain literals keep their repr; anything else is named, not repr'd: a repr can
+    hold the machine's state (cgi.parse(environ=os.environ) would print the whole environment, platform defaults
+    hold sys.executable's path, sentinels print memory addresses), which would make the docs differ per machine.
+    """
+    if isinstance(value, enum.Enum):  # before int: an IntEnum is an int whose repr is "<AddressFamily.AF_X: 0>"
+        return f"{type(value).__name__}.{value.name}"
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, complex)):
+        return repr(value)
+    if isinstance(value, (str, bytes)):
+        text = value if isinstance(value, str) else value.decode("latin-1")
+        if len(value) > 40 or any(p in text for p in _machine_strings()):
+            return "..."
+        return repr(value)
+    if isinstance(value, (tuple, list, frozenset, set)) and depth < 2 and len(value) <= 8:
+        if isinstance(value, (frozenset, set)):
+            items = sorted((_default_text(v, depth + 1) for v in value))
+            return ("frozenset({%s})" if isinstance(value, frozenset) else "{%s}") % ", ".join(items) if items \
+                else f"{type(value).__name__}()"
+        items = [_default_text(v, depth + 1) for v in value]
+        if isinstance(value, tuple):
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        return "[" + ", ".join(items) + "]"
+    if isinstance(value, dict) and not value:
+        return "{}"
+    if isinstance(value, type) or inspect.isroutine(value):
+        return getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or type(value).__name__
+    return f"<{type(value).__name__} object>"
+
+
+def _doc_signature(doc, name):
+    """Old-style C docstrings start with their signature: "gethostbyname(host) -> address". Use it when
+    inspect.signature has none (the text is the documentation's own, so it is deterministic)."""
+    first = doc.split("\n", 1)[0].strip()
+    if not first.startswith(name + "(") or len(first) > 160:
+        return ""
+    sig = first.split(" -> ")[0].strip()
+    return sig if sig.endswith(")") else ""
+
+
+def _owned(obj, name, module, real_name, exported):
+    """Does `module` (public name) own `obj`? Defined there, or re-exported from a private/impl module."""
+    owner = getattr(obj, "__module__", None)
+    if not isinstance(owner, str):
+        return False
+    if owner == real_name:
+        return True
+    private = any(part.startswith("_") for part in owner.split(".")) or owner in IMPL_MODULES
+    return private and (exported is None or name in exported)
+
+
+def _class_records(cls, module, qualname):
+    """The class record (own doc + own __init__ doc) and its methods (defined on the class itself)."""
+    doc = _own_doc(cls)
+    init = cls.__dict__.get("__init__")
+    init_doc = _clean_doc(getattr(init, "__doc__", None)) if init is not None else ""
+    # slot wrappers of C types carry a generic "Initialize self.  See help(type(self))..." text: not documentation
+    if init_doc and not init_doc.startswith("Initialize self.") and init_doc != doc:
+        doc = (doc + "\n\n" + init_doc).strip()
+    records = [{"id": f"{module}.{qualname}", "module": module, "name": qualname, "kind": "class",
+                "signature": _signature(cls, qualname) or _doc_signature(doc, qualname), "doc": doc}]
+    for attr in sorted(cls.__dict__):
+        if attr.startswith("_"):
+            continue
+        raw = cls.__dict__[attr]
+        is_static = isinstance(raw, staticmethod)
+        func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+        if not (inspect.isroutine(func) or inspect.ismethoddescriptor(func)):
+            continue
+        mdoc = _clean_doc(getattr(func, "__doc__", None))
+        msig = _signature(func, attr, drop_first=not is_static) or _doc_signature(mdoc, attr)
+        records.append({"id": f"{module}.{qualname}.{attr}", "module": module, "name": f"{qualname}.{attr}",
+                        "kind": "method", "signature": msig, "doc": mdoc})
+    return records
+
+
+def module_records(mod, public_name):
+    """(records, objects) for one imported module: its docstring, functions, classes and their methods.
+    objects[i] is (the Python object behind records[i], "" or the method name) or None for the module record;
+    it identifies re-exports of one object under several modules."""
+    real_name = mod.__name__
+    exported = getattr(mod, "__all__", None)
+    exported = set(exported) if isinstance(exported, (list, tuple)) else None
+    records = [{"id": public_name, "module": public_name, "name": public_name, "kind": "module",
+                "signature": "", "doc": _clean_doc(mod.__doc__)}]
+    objects = [None]
+    for name in sorted(vars(mod)):
+        if name.startswith("_"):
+            continue
+        obj = vars(mod)[name]
+        if inspect.isclass(obj):
+            if _owned(obj, name, public_name, real_name, exported):
+                recs = _class_records(obj, public_name, name)
+                records.extend(recs)
+                objects.extend([(obj, "")] + [(obj, r["name"]) for r in recs[1:]])
+        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            if _owned(obj, name, public_name, real_name, exported):
+                doc = _clean_doc(obj.__doc__)
+                records.append({"id": f"{public_name}.{name}", "module": public_name, "name": name,
+                                "kind": "function", "signature": _signature(obj, name) or _doc_signature(doc, name),
+                                "doc": doc})
+                objects.append((obj, ""))
+    return records, objects
+
+
+def topic_records():
+    """The language reference topics behind help("for"), help("with"), ...: kind 'topic', always train."""
+    mod, err = _quiet_import("pydoc_data.topics")
+    if mod is None:
+        return []
+    return [{"id": f"topic:{key}", "module": "", "name": key, "kind": "topic", "signature": "",
+             "doc": _clean_doc(text)} for key, text in sorted(mod.topics.items())]
+
+# -----------------------------------------------------------------------------
+# the harvest
+
+
+def harvest(max_modules=None, progress=True, modules=None, include_topics=True, timeout=600):
+    """
+    All records, sorted by id. max_modules: only the first N top-level modules (sorted). modules: an explicit
+    list of top-level names instead (for tests). Prints counts of modules ok/failed and records per kind.
+
+    The imports run in a fresh interpreter (python -I -S this_file --worker): the caller's process does not get
+    ~370 modules imported into it (readline, tkinter, signal handlers...), and the result does not depend on
+    what the caller imported before (torch, for one, replaces inspect.getfile) or on site-packages.
+    """
+    opts = {"max_modules": max_modules, "modules": None if modules is None else list(modules),
+            "include_topics": include_topics, "progress": progress}
+    if modules is not None:
+        for name in modules:
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"harvest: modules= takes top-level module names, got {name!r}")
+    with tempfile.TemporaryDirectory(prefix="stdlib_docs.") as tmp:
+        out = os.path.join(tmp, "records.json")
+        cmd = [sys.executable, "-I", "-S", os.path.abspath(__file__), "--worker", json.dumps(opts), out]
+        try:
+            proc = subprocess.run(cmd, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"harvesting the stdlib docs took longer than {timeout}s") from None
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"the stdlib docs worker failed (exit code {proc.returncode}): {' '.join(cmd)}")
+        with open(out, "r", encoding="utf-8") as f:
+            result = json.load(f)
+    records = result["records"]
+    if progress:
+        kinds = Counter(r["kind"] for r in records)
+        print(f"stdlib docs: {len(result['ok'])} modules ok, {len(result['failed'])} failed to import, "
+              f"{len(records)} records ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}) "
+              f"in {result['seconds']:.1f}s", flush=True)
+        if result["failed"]:
+            print(f"stdlib docs: not imported here: {', '.join(sorted(result['failed']))}", flush=True)
+    return records
+
+
+def _priority(owner, real_name, public_name):
+    """Which module gets the record of an object several modules expose: 0 = its home (where it is defined, or
+    the public face of its accelerator: _heapq -> heapq, posix -> os), 1 = a re-export (the smallest id wins)."""
+    if owner == real_name or IMPL_HOME.get(owner) == public_name:
+        return 0
+    if isinstance(owner, str) and owner.startswith("_") and owner.lstrip("_") == public_name:
+        return 0
+    return 1
+
+
+def _harvest_here(max_modules=None, modules=None, include_topics=True, progress=True):
+    """The harvest itself, in this process (the --worker of harvest())."""
+    t0 = time.time()
+    tops = top_level_modules() if modules is None else sorted(modules)
+    if max_modules is not None:
+        tops = tops[:max_modules]
+    candidates = []  # (record, object key, priority): priority 0 if defined there, 1 if re-exported
+    ok, failed = [], {}
+    for k, top in enumerate(tops):
+        if progress and (k % 25 == 0 or k + 1 == len(tops)):  # a one-line progress print, ~10 updates
+            print(f"\rstdlib docs: {k + 1}/{len(tops)} {top:<30}", end="", file=sys.stderr, flush=True)
+        queue = [top]
+        while queue:
+            name = queue.pop(0)
+            mod, err = _quiet_import(name)
+            if mod is None:
+                failed[name] = err
+                continue
+            ok.append(name)
+            try:
+                recs, objs = module_records(mod, name)
+            except Exception as e:  # an odd object whose attributes raise: skip the module, say so
+                failed[name] = f"records: {type(e).__name__}: {e}"[:200]
+                continue
+            for rec, obj in zip(recs, objs):
+                prio = 0 if obj is None else _priority(getattr(obj[0], "__module__", None), mod.__name__, name)
+                candidates.append((rec, None if obj is None else (id(obj[0]), obj[1]), prio))
+            queue.extend(_submodule_names(mod))
+            if name == "os":
+                queue.append("os.path")  # a module, not a package: posixpath/ntpath, documented as os.path
+    if progress:
+        print(file=sys.stderr, flush=True)
+
+    # one record per Python object (a class's methods go with it): re-exports lose to the defining module,
+    # then the smallest id wins. Keys are id()s: every module stays imported, so no id is reused meanwhile.
+    best = {}
+    for i, (rec, key, prio) in enumerate(candidates):
+        if key is None:
+            continue
+        j = best.get(key)
+        if j is None or (prio, rec["id"]) < (candidates[j][2], candidates[j][0]["id"]):
+            best[key] = i
+    keep = [rec for i, (rec, key, prio) in enumerate(candidates) if key is None or best[key] == i]
+    if include_topics:
+        keep.extend(topic_records())
+
+    keep.sort(key=lambda r: r["id"])
+    records, seen_ids, seen_docs = [], set(), set()
+    for rec in keep:
+        if not rec["doc"].strip() or rec["id"] in seen_ids or rec["doc"] in seen_docs:
+            continue
+        seen_ids.add(rec["id"])
+        seen_docs.add(rec["doc"])
+        records.append(rec)
+    return {"records": records, "ok": ok, "failed": failed, "seconds": time.time() - t0}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        result = _harvest_here(**json.loads(sys.argv[2]))
+        with open(sys.argv[3] + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        os.replace(sys.argv[3] + ".tmp", sys.argv[3])
+    else:
+        records = harvest()
+        splits = Counter(record_split(r) for r in records)
+        print(f"split: {dict(splits)}")
+        held_out = sorted({r["module"].split(".")[0] for r in records if record_split(r) == "eval"})
+        print(f"held-out (eval) top-level modules: {held_out}")
+        for rec in records[:: max(1, len(records) // 5)]:
+            print("-" * 80)
+            print({k: (v[:200] if isinstance(v, str) else v) for k, v in rec.items()})

@@ -1,0 +1,117 @@
+"""
+Evaluate a chat model on categorical (multiple choice) and generative tasks.
+
+    python -m scripts.chat_eval --source sft -a StdlibQA                  # built-in, offline
+    python -m scripts.chat_eval --source sft -a ARC-Easy,MMLU,GSM8K       # from the HF hub (cached)
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- --source sft -a MMLU
+
+Categorical tasks: the model's logits at the answer position, restricted to the choice letters, pick the
+answer (no sampling). Generative tasks: the Engine answers (greedy by default) and the task's evaluate()
+scores the text. Under torchrun each process takes every world_size-th example and the counts are summed.
+"""
+
+import time
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_init, compute_cleanup, print0, dual, get_autocast_ctx
+
+TASK_NAMES = ["StdlibQA", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K"]
+
+
+def load_task(name):
+    if name == "StdlibQA":
+        from tasks.stdlib_qa import StdlibQA
+        return StdlibQA("eval")
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+        return ARC(subset=name, split="test")
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+        return MMLU(subset="all", split="test")
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(subset="main", split="test")
+    raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, indices, autocast_ctx, batch_size=8):
+    """Fraction correct: argmax over the letters' logits at the position after <|assistant_start|>."""
+    device = model.get_device()
+    correct = 0
+    for start in range(0, len(indices), batch_size):
+        convs = [task[i] for i in indices[start:start + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        max_len = max(len(p) for p in prompts)
+        pad = tokenizer.get_bos_token_id()
+        ids = torch.tensor([p + [pad] * (max_len - len(p)) for p in prompts], dtype=torch.long, device=device)
+        with autocast_ctx:
+            logits = model(ids)
+        for row, (conv, p) in enumerate(zip(convs, prompts)):
+            letters = conv["letters"]
+            letter_ids = [tokenizer.encode(l)[0] for l in letters]
+            scores = logits[row, len(p) - 1, letter_ids]
+            pred = letters[int(scores.argmax())]
+            correct += int(task.evaluate(conv, pred))
+    return correct
+
+
+def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperature, top_k):
+    correct = 0
+    for i in indices:
+        conv = task[i]
+        with autocast_ctx:
+            answer = engine.generate_from_conversation(conv, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        correct += float(task.evaluate(conv, answer))
+    return correct
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Evaluate a chat model on tasks.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rag", "refrag"])
+    parser.add_argument(*dual("model-tag"), type=str, default=None)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("-a", "--tasks", type=str, default="StdlibQA", help=f"comma-separated: {', '.join(TASK_NAMES)}")
+    parser.add_argument(*dual("max-problems"), type=int, default=None, help="evaluate at most this many examples per task")
+    parser.add_argument(*dual("max-new-tokens"), type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(*dual("top-k"), type=int, default=50)
+    parser.add_argument(*dual("batch-size"), type=int, default=8, help="batch size for categorical tasks")
+    parser.add_argument(*dual("device-type"), type=str, default="")
+    args = parser.parse_args()
+
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    from nanochat.report import write_stage
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    autocast_ctx = get_autocast_ctx(device.type)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+    results = {}
+    t0 = time.time()
+    for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        task = load_task(name)
+        n = len(task) if args.max_problems is None else min(len(task), args.max_problems)
+        indices = list(range(rank, n, world_size))
+        t1 = time.time()
+        if task.eval_type == "categorical":
+            correct = run_categorical(model, tokenizer, task, indices, autocast_ctx, args.batch_size)
+        else:
+            correct = run_generative(engine, task, indices, autocast_ctx, args.max_new_tokens, args.temperature, args.top_k)
+        counts = torch.tensor([float(correct), float(len(indices))], dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(counts)
+        acc = (counts[0] / counts[1].clamp(min=1)).item()
+        results[name] = acc
+        print0(f"{name}: {100 * acc:.2f}% of {int(counts[1].item())} ({time.time() - t1:.1f} s)")
+    write_stage("chat_eval", {f"{k} accuracy %": round(100 * v, 2) for k, v in results.items()} |
+                {"source": f"{args.source}/{meta['model_tag']}"}, time_s=time.time() - t0)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

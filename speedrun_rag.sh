@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# speedrun_rag.sh: from a fresh clone to a model that answers from its own knowledge base, with a report.
+#
+#   bash speedrun_rag.sh                 # picks the CPU or GPU recipe from the hardware
+#   FORCE=1 bash speedrun_rag.sh         # redo every stage (default: a stage whose artefact exists is skipped)
+#
+# Stages: venv -> built-in data -> tokenizer -> base model -> SFT -> KB -> RAG fine-tune -> RAG eval
+#         -> one-shot question with citations -> report.md
+#
+# No GPU: a small but real CPU configuration on the built-in offline corpus and KB, made from the Python
+# standard library's own documentation (minutes to ~20 minutes on 2 cores). GPUs: the full recipe under
+# torchrun on every GPU, pretraining data downloaded from the HF hub, a d20 hybrid ["T"]*8+["M"]*12.
+#
+# Environment variables (all optional; defaults depend on CPU/GPU):
+#   NANOCHAT_BASE_DIR   where tokenizer, checkpoints, KB eval outputs and the report go (~/.cache/nanochat)
+#   FORCE=1             redo every stage            SIZE=tiny   the smallest CPU setting (used by the tests)
+#   NPROC               processes for torchrun (default: number of GPUs)
+#   VOCAB_SIZE          tokenizer vocabulary        TOK_MAX_CHARS    characters to train the tokenizer on
+#   DEPTH               base model depth            BLOCK_PATTERN    e.g. TTTTTTTTMMMMMMMMMMMM (one letter per layer)
+#   ASPECT_RATIO        n_embd = DEPTH*ASPECT_RATIO HEAD_DIM         attention head size
+#   MAX_SEQ_LEN         context length              DEVICE_BATCH_SIZE rows per forward per process
+#   TOTAL_BATCH_SIZE    tokens per base step        BASE_ITERS       base steps (default: Chinchilla 20 tokens/param on GPU)
+#   MAMBA_D_STATE MAMBA_HEADDIM MAMBA_CHUNK         Mamba2 sizes
+#   NUM_SHARDS          pretraining shards to download (GPU)
+#   SFT_EPOCHS SFT_DATA (builtin|smoltalk)          RAG_EPOCHS RAG_TOP_K RETRIEVER (simple|bm25|dense|hybrid)
+#   KB_DOCS             a JSONL of your own documents for the KB (default: the built-in stdlib docs)
+#   EVAL_EXAMPLES       held-out questions for rag_eval
+#   QUESTION            the final one-shot question
+set -euo pipefail
+cd "$(dirname "$0")"
+REPO=$(pwd)
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+export PYTHONUNBUFFERED=1
+FORCE=${FORCE:-0}
+mkdir -p "$NANOCHAT_BASE_DIR"
+LOG="$NANOCHAT_BASE_DIR/speedrun.log"
+
+# -----------------------------------------------------------------------------
+# environment: .venv with torch first (the CPU build where there is no NVIDIA GPU), then the project
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+if ! python -c "import torch, nanochat, tiktoken, rustbpe, bm25s, faiss" >/dev/null 2>&1; then
+    echo "== installing (torch first, then the project)"
+    python -m pip install -q --upgrade pip
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        python -m pip install -q torch
+    else
+        python -m pip install -q torch==2.13.0
+    fi
+    python -m pip install -q -e ".[dev]"
+fi
+NGPU=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+
+# -----------------------------------------------------------------------------
+# configuration
+SIZE=${SIZE:-default}
+if [ "$NGPU" -gt 0 ]; then
+    NPROC=${NPROC:-$NGPU}
+    RUN="torchrun --standalone --nproc_per_node=$NPROC -m"
+    VOCAB_SIZE=${VOCAB_SIZE:-65536}; TOK_MAX_CHARS=${TOK_MAX_CHARS:-2000000000}
+    DEPTH=${DEPTH:-20}; BLOCK_PATTERN=${BLOCK_PATTERN:-TTTTTTTTMMMMMMMMMMMM}
+    ASPECT_RATIO=${ASPECT_RATIO:-64}; HEAD_DIM=${HEAD_DIM:-128}; MAX_SEQ_LEN=${MAX_SEQ_LEN:-2048}
+    DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}; TOTAL_BATCH_SIZE=${TOTAL_BATCH_SIZE:-524288}; BASE_ITERS=${BASE_ITERS:--1}
+    MAMBA_D_STATE=${MAMBA_D_STATE:-128}; MAMBA_HEADDIM=${MAMBA_HEADDIM:-64}; MAMBA_CHUNK=${MAMBA_CHUNK:-256}
+    NUM_SHARDS=${NUM_SHARDS:-240}; DATA_DIR="$NANOCHAT_BASE_DIR/base_data"
+    SFT_DATA=${SFT_DATA:-smoltalk}; SFT_EPOCHS=${SFT_EPOCHS:-1}; SFT_BATCH=${SFT_BATCH:-16}
+    RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-5}; RETRIEVER=${RETRIEVER:-hybrid}
+    EVAL_EXAMPLES=${EVAL_EXAMPLES:-1000}; EVAL_EVERY=250
+else
+    RUN="python -m"
+    VOCAB_SIZE=${VOCAB_SIZE:-4096}; TOK_MAX_CHARS=${TOK_MAX_CHARS:-20000000}
+    DEPTH=${DEPTH:-4}; BLOCK_PATTERN=${BLOCK_PATTERN:-TMTM}
+    ASPECT_RATIO=${ASPECT_RATIO:-64}; HEAD_DIM=${HEAD_DIM:-64}; MAX_SEQ_LEN=${MAX_SEQ_LEN:-512}
+    DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-8}; TOTAL_BATCH_SIZE=${TOTAL_BATCH_SIZE:-8192}; BASE_ITERS=${BASE_ITERS:-600}
+    MAMBA_D_STATE=${MAMBA_D_STATE:-32}; MAMBA_HEADDIM=${MAMBA_HEADDIM:-32}; MAMBA_CHUNK=${MAMBA_CHUNK:-64}
+    DATA_DIR="$REPO/data/builtin/corpus"
+    SFT_DATA=${SFT_DATA:-builtin}; SFT_EPOCHS=${SFT_EPOCHS:-1}; SFT_BATCH=${SFT_BATCH:-8}
+    RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-3}; RETRIEVER=${RETRIEVER:-bm25}
+    EVAL_EXAMPLES=${EVAL_EXAMPLES:-200}; EVAL_EVERY=100
+    if [ "$SIZE" = "tiny" ]; then  # the smallest end-to-end setting, for tests/test_speedrun.py
+        VOCAB_SIZE=1024; TOK_MAX_CHARS=3000000; DEPTH=2; BLOCK_PATTERN=TM; ASPECT_RATIO=32; HEAD_DIM=32
+        MAX_SEQ_LEN=256; DEVICE_BATCH_SIZE=4; TOTAL_BATCH_SIZE=1024; BASE_ITERS=20; MAMBA_D_STATE=16; MAMBA_HEADDIM=16
+        MAMBA_CHUNK=32; SFT_EPOCHS=0.05; RAG_EPOCHS=0.05; EVAL_EXAMPLES=10; EVAL_EVERY=10
+        TINY_CAPS="--max-docs 400 --max-train 300 --max-eval 30"
+    fi
+fi
+TAG="d${DEPTH}"
+KB_DIR="$REPO/data/builtin/kb"
+QUESTION=${QUESTION:-}
+echo "== nanochat-rag speedrun: $([ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s), $NPROC processes" || echo "CPU") | depth $DEPTH | pattern $BLOCK_PATTERN | base dir $NANOCHAT_BASE_DIR"
+
+# stage NAME ARTEFACT CMD...: run CMD unless ARTEFACT exists (FORCE=1 redoes); stop at the first failure, naming it
+stage() {
+    local name=$1 artefact=$2
+    shift 2
+    if [ "$FORCE" != "1" ] && [ -e "$artefact" ]; then
+        echo "== [$name] skipped: $artefact exists (FORCE=1 to redo)"
+        return 0
+    fi
+    echo "== [$name] $*"
+    local t0=$SECONDS
+    if ! "$@" 2>&1 | tee -a "$LOG"; then
+        echo "!! speedrun failed at stage [$name] (command: $*); see $LOG" >&2
+        exit 1
+    fi
+    echo "== [$name] done in $((SECONDS - t0)) s"
+}
+set -o pipefail
+
+if [ "$FORCE" = "1" ] || [ ! -e "$NANOCHAT_BASE_DIR/report/system.json" ]; then
+    python -m nanochat.report reset
+fi
+
+# -----------------------------------------------------------------------------
+# data
+if [ "$NGPU" -gt 0 ]; then
+    stage download "$DATA_DIR/.complete_$NUM_SHARDS" bash -c "python -m nanochat.dataset -n $NUM_SHARDS && touch $DATA_DIR/.complete_$NUM_SHARDS"
+else
+    stage corpus "$DATA_DIR/manifest.json" python -m nanochat.dataset --builtin --output "$DATA_DIR"
+fi
+# the built-in KB documents and QA pairs (train modules / held-out eval modules) are used on GPU too
+stage stdlib-qa "$REPO/data/builtin/manifest.json" python -m tasks.stdlib_qa --output "$REPO/data/builtin" ${TINY_CAPS:-}
+
+# -----------------------------------------------------------------------------
+# tokenizer
+stage tok_train "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json" \
+    python -m scripts.tok_train --vocab-size "$VOCAB_SIZE" --max-chars "$TOK_MAX_CHARS" --data-dir "$DATA_DIR"
+stage tok_eval "$NANOCHAT_BASE_DIR/report/tok_eval.md" python -m scripts.tok_eval --data-dir "$DATA_DIR"
+
+# -----------------------------------------------------------------------------
+# base model
+stage base_train "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG" $RUN scripts.base_train \
+    --depth "$DEPTH" --block-pattern "$BLOCK_PATTERN" --aspect-ratio "$ASPECT_RATIO" --head-dim "$HEAD_DIM" \
+    --max-seq-len "$MAX_SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" --total-batch-size "$TOTAL_BATCH_SIZE" \
+    --num-iterations "$BASE_ITERS" --mamba-d-state "$MAMBA_D_STATE" --mamba-headdim "$MAMBA_HEADDIM" \
+    --mamba-chunk-size "$MAMBA_CHUNK" --data-dir "$DATA_DIR" --eval-every "$EVAL_EVERY" --sample-every -1 --model-tag "$TAG"
+
+# -----------------------------------------------------------------------------
+# supervised fine-tuning
+stage chat_sft "$NANOCHAT_BASE_DIR/sft_checkpoints/$TAG" $RUN scripts.chat_sft \
+    --source base --model-tag "$TAG" --data "$SFT_DATA" --num-epochs "$SFT_EPOCHS" --device-batch-size "$SFT_BATCH" \
+    --eval-every "$EVAL_EVERY"
+
+# -----------------------------------------------------------------------------
+# knowledge base + RAG fine-tuning + evaluation
+KB_SOURCE=${KB_DOCS:-$REPO/data/builtin/kb_documents.jsonl}
+stage kb_build "$KB_DIR/kb.json" python -m nanochat.retrieval --documents "$KB_SOURCE" --output "$KB_DIR" --type "$RETRIEVER"
+stage rag_finetune "$NANOCHAT_BASE_DIR/rag_checkpoints/$TAG" $RUN scripts.rag_finetune \
+    --source sft --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" --num-epochs "$RAG_EPOCHS" \
+    --device-batch-size "$SFT_BATCH" --eval-every "$EVAL_EVERY" --block-pattern "$BLOCK_PATTERN"
+stage rag_eval "$NANOCHAT_BASE_DIR/report/rag_eval.json" $RUN scripts.rag_eval \
+    --source rag --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" --max-examples "$EVAL_EXAMPLES"
+
+# -----------------------------------------------------------------------------
+# one question, answered with citations
+if [ -z "$QUESTION" ]; then
+    QUESTION=$(python -c "
+import json
+with open('$REPO/data/builtin/qa_eval.jsonl') as f:
+    print(json.loads(f.readline())['messages'][0]['content'])")
+fi
+echo "== [final] Q: $QUESTION"
+FINAL_OUT=$(python -m scripts.chat_cli --source rag --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" \
+    --temperature 0 -p "$QUESTION" 2>&1 | tee -a "$LOG") || { echo "!! speedrun failed at stage [final]" >&2; exit 1; }
+echo "$FINAL_OUT"
+python -c "
+import sys
+from nanochat.report import write_stage
+q, a = sys.argv[1], sys.argv[2]
+write_stage('final', {'question': q}, markdown='\`\`\`\n' + a.strip() + '\n\`\`\`')
+" "$QUESTION" "$FINAL_OUT"
+
+REPORT=$(python -m nanochat.report generate)
+echo "== done. Report: $REPORT"

@@ -1,0 +1,63 @@
+"""
+MMLU (Hendrycks et al., 2021): 4-way multiple choice over 57 subjects, from cais/mmlu.
+
+    from tasks.mmlu import MMLU
+    test = MMLU("all", "test")                  # 14042 questions; categorical eval over letters ABCD
+    aux = MMLU("auxiliary_train", "train")      # ~100K training questions (ARC, OBQA, RACE, MCTest)
+
+Rows: question (str), subject (str), choices (4 str), answer (int 0..3; a letter A-D is accepted in local files).
+The auxiliary_train parquet wraps each row in a single `train` column; it is unwrapped here.
+"""
+
+from tasks.common import Task, check_choice, shuffled_order, render_mc, mc_letter
+from tasks.hf import read_rows, task_files
+
+REPO_ID = "cais/mmlu"
+SPLITS = {
+    "all": ("validation", "dev", "test"),
+    "auxiliary_train": ("train",),
+}
+LETTERS = ("A", "B", "C", "D")
+
+
+class MMLU(Task):
+
+    def __init__(self, subset, split, local_path=None, seed=42, **view):
+        super().__init__(**view)
+        self.subset = check_choice("MMLU subset", subset, list(SPLITS))
+        self.split = check_choice(f"MMLU split (subset {subset})", split, SPLITS[subset])
+        filename = "auxiliary_train/train-00000-of-00001.parquet" if subset == "auxiliary_train" \
+            else f"all/{split}-00000-of-00001.parquet"
+        self.paths = task_files(REPO_ID, [filename], local_path)
+        self.rows = read_rows(self.paths)
+        self.order = shuffled_order(len(self.rows), seed)
+
+    @property
+    def eval_type(self):
+        return "categorical"
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        row_idx = self.order[index]
+        row = self.rows[row_idx]
+        if set(row) == {"train"} and isinstance(row["train"], dict):
+            row = row["train"]
+        where = f"{self.paths[0] if len(self.paths) == 1 else self.paths}: row {row_idx}"
+        question, choices, answer = row.get("question"), row.get("choices"), row.get("answer")
+        if not isinstance(question, str) or not isinstance(choices, list) or len(choices) != 4:
+            raise ValueError(f"{where}: expected a question string and 4 choices, got {row!r:.200}")
+        if isinstance(answer, str) and answer.strip().upper() in LETTERS:
+            answer = LETTERS.index(answer.strip().upper())
+        if not isinstance(answer, int) or not 0 <= answer < 4:
+            raise ValueError(f"{where}: answer must be 0..3 or A-D, got {answer!r}")
+        messages = [
+            {"role": "user", "content": render_mc(question, LETTERS, [str(c) for c in choices])},
+            {"role": "assistant", "content": LETTERS[answer]},
+        ]
+        return {"messages": messages, "subject": row.get("subject", ""), "letters": LETTERS}
+
+    def evaluate(self, conversation, assistant_response):
+        """True if the response names the correct letter."""
+        return mc_letter(assistant_response) == conversation["messages"][-1]["content"]
