@@ -22,14 +22,20 @@
 #   TOTAL_BATCH_SIZE    tokens per base step        BASE_ITERS       base steps (default: Chinchilla 20 tokens/param on GPU)
 #   MAMBA_D_STATE MAMBA_HEADDIM MAMBA_CHUNK         Mamba2 sizes
 #   NUM_SHARDS          pretraining shards to download (GPU)
-#   SFT_EPOCHS SFT_DATA (builtin|smoltalk)          RAG_EPOCHS RAG_TOP_K RETRIEVER (simple|bm25|dense|hybrid)
+#   NANOCHAT_BUILTIN_DIR  where the built-in corpus / KB documents / QA / KB go (<repo>/data/builtin)
+#   CORPUS_FLAGS        CPU corpus flags (--with-source: add the stdlib's .py source to its docs)
+#   SFT_EPOCHS SFT_DATA (builtin|smoltalk) SFT_BATCH SFT_SEQ       LR_FRAC  fine-tuning lr as a fraction of base lr
+#   RAG_EPOCHS RAG_TOP_K RETRIEVER (simple|bm25|dense|hybrid)       RAG_FLAGS extra rag_finetune flags (e.g. --no-raft)
+#   DOC_CHARS           cap on each built-in KB document's docstring (short documents fit a small context)
 #   KB_DOCS             a JSONL of your own documents for the KB (default: the built-in stdlib docs)
-#   EVAL_EXAMPLES       held-out questions for rag_eval
+#   EVAL_EXAMPLES       held-out questions for rag_eval     EVAL_EVERY  val loss every N steps
 #   QUESTION            the final one-shot question
 set -euo pipefail
 cd "$(dirname "$0")"
 REPO=$(pwd)
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+export NANOCHAT_BUILTIN_DIR=${NANOCHAT_BUILTIN_DIR:-$REPO/data/builtin}  # the built-in corpus, KB docs and QA
+BUILTIN=$NANOCHAT_BUILTIN_DIR
 export PYTHONUNBUFFERED=1
 FORCE=${FORCE:-0}
 mkdir -p "$NANOCHAT_BASE_DIR"
@@ -37,12 +43,15 @@ LOG="$NANOCHAT_BASE_DIR/speedrun.log"
 
 # -----------------------------------------------------------------------------
 # environment: .venv with torch first (the CPU build where there is no NVIDIA GPU), then the project
-if [ ! -x .venv/bin/python ]; then
-    echo "== creating .venv"
-    python3 -m venv .venv
+# an already active virtualenv (e.g. the tests' or CI's) is used as it is; otherwise ./.venv
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    if [ ! -x .venv/bin/python ]; then
+        echo "== creating .venv"
+        python3 -m venv .venv
+    fi
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
 fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
 if ! python -c "import torch, nanochat, tiktoken, rustbpe, bm25s, faiss" >/dev/null 2>&1; then
     echo "== installing (torch first, then the project)"
     python -m pip install -q --upgrade pip
@@ -67,29 +76,36 @@ if [ "$NGPU" -gt 0 ]; then
     DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}; TOTAL_BATCH_SIZE=${TOTAL_BATCH_SIZE:-524288}; BASE_ITERS=${BASE_ITERS:--1}
     MAMBA_D_STATE=${MAMBA_D_STATE:-128}; MAMBA_HEADDIM=${MAMBA_HEADDIM:-64}; MAMBA_CHUNK=${MAMBA_CHUNK:-256}
     NUM_SHARDS=${NUM_SHARDS:-240}; DATA_DIR="$NANOCHAT_BASE_DIR/base_data"
-    SFT_DATA=${SFT_DATA:-smoltalk}; SFT_EPOCHS=${SFT_EPOCHS:-1}; SFT_BATCH=${SFT_BATCH:-16}
-    RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-5}; RETRIEVER=${RETRIEVER:-hybrid}
-    EVAL_EXAMPLES=${EVAL_EXAMPLES:-1000}; EVAL_EVERY=250
+    SFT_DATA=${SFT_DATA:-smoltalk}; SFT_EPOCHS=${SFT_EPOCHS:-1}; SFT_BATCH=${SFT_BATCH:-16}; SFT_SEQ=${SFT_SEQ:-2048}
+    RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-5}; RETRIEVER=${RETRIEVER:-hybrid}; RAG_FLAGS=${RAG_FLAGS:-}
+    DOC_CHARS=${DOC_CHARS:-1200}; LR_FRAC=${LR_FRAC:-0.1}
+    EVAL_EXAMPLES=${EVAL_EXAMPLES:-300}; EVAL_EVERY=${EVAL_EVERY:-250}
 else
     RUN="python -m"
-    VOCAB_SIZE=${VOCAB_SIZE:-4096}; TOK_MAX_CHARS=${TOK_MAX_CHARS:-20000000}
-    DEPTH=${DEPTH:-4}; BLOCK_PATTERN=${BLOCK_PATTERN:-TMTM}
-    ASPECT_RATIO=${ASPECT_RATIO:-64}; HEAD_DIM=${HEAD_DIM:-64}; MAX_SEQ_LEN=${MAX_SEQ_LEN:-512}
-    DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-8}; TOTAL_BATCH_SIZE=${TOTAL_BATCH_SIZE:-8192}; BASE_ITERS=${BASE_ITERS:-600}
-    MAMBA_D_STATE=${MAMBA_D_STATE:-32}; MAMBA_HEADDIM=${MAMBA_HEADDIM:-32}; MAMBA_CHUNK=${MAMBA_CHUNK:-64}
-    DATA_DIR="$REPO/data/builtin/corpus"
-    SFT_DATA=${SFT_DATA:-builtin}; SFT_EPOCHS=${SFT_EPOCHS:-1}; SFT_BATCH=${SFT_BATCH:-8}
-    RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-3}; RETRIEVER=${RETRIEVER:-bm25}
-    EVAL_EXAMPLES=${EVAL_EXAMPLES:-200}; EVAL_EVERY=100
-    if [ "$SIZE" = "tiny" ]; then  # the smallest end-to-end setting, for tests/test_speedrun.py
-        VOCAB_SIZE=1024; TOK_MAX_CHARS=3000000; DEPTH=2; BLOCK_PATTERN=TM; ASPECT_RATIO=32; HEAD_DIM=32
-        MAX_SEQ_LEN=256; DEVICE_BATCH_SIZE=4; TOTAL_BATCH_SIZE=1024; BASE_ITERS=20; MAMBA_D_STATE=16; MAMBA_HEADDIM=16
-        MAMBA_CHUNK=32; SFT_EPOCHS=0.05; RAG_EPOCHS=0.05; EVAL_EXAMPLES=10; EVAL_EVERY=10
+    if [ "$SIZE" = "tiny" ]; then  # the smallest end-to-end setting (tests/test_speedrun.py), about 2 minutes
+        DEF=(1024 3000000 2 TM 32 32 256 4 1024 20 16 16 32 0.05 0.05 10 10 300)
         TINY_CAPS="--max-docs 400 --max-train 300 --max-eval 30"
+    else  # the CPU default: a few minutes per stage on 2 cores
+        DEF=(2048 20000000 4 TMTM 32 32 384 8 3072 700 16 32 64 1 2 200 100 300)
     fi
+    VOCAB_SIZE=${VOCAB_SIZE:-${DEF[0]}}; TOK_MAX_CHARS=${TOK_MAX_CHARS:-${DEF[1]}}
+    DEPTH=${DEPTH:-${DEF[2]}}; BLOCK_PATTERN=${BLOCK_PATTERN:-${DEF[3]}}
+    ASPECT_RATIO=${ASPECT_RATIO:-${DEF[4]}}; HEAD_DIM=${HEAD_DIM:-${DEF[5]}}; MAX_SEQ_LEN=${MAX_SEQ_LEN:-${DEF[6]}}
+    DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-${DEF[7]}}; TOTAL_BATCH_SIZE=${TOTAL_BATCH_SIZE:-${DEF[8]}}
+    BASE_ITERS=${BASE_ITERS:-${DEF[9]}}
+    MAMBA_D_STATE=${MAMBA_D_STATE:-${DEF[10]}}; MAMBA_HEADDIM=${MAMBA_HEADDIM:-${DEF[11]}}; MAMBA_CHUNK=${MAMBA_CHUNK:-${DEF[12]}}
+    DATA_DIR="$BUILTIN/corpus"; CORPUS_FLAGS=${CORPUS_FLAGS:---with-source}
+    SFT_DATA=${SFT_DATA:-builtin}; SFT_EPOCHS=${SFT_EPOCHS:-${DEF[13]}}; SFT_BATCH=${SFT_BATCH:-$DEVICE_BATCH_SIZE}
+    SFT_SEQ=${SFT_SEQ:-$MAX_SEQ_LEN}
+    RAG_EPOCHS=${RAG_EPOCHS:-${DEF[14]}}; RAG_TOP_K=${RAG_TOP_K:-3}; RETRIEVER=${RETRIEVER:-bm25}
+    # a tiny model learns "copy from the top document" well before "find the right one among shuffled documents",
+    # so the CPU default keeps retrieval order (RAFT's shuffling and no-gold examples stay on for GPUs)
+    RAG_FLAGS=${RAG_FLAGS:---no-raft}
+    DOC_CHARS=${DOC_CHARS:-${DEF[17]}}; LR_FRAC=${LR_FRAC:-0.5}
+    EVAL_EXAMPLES=${EVAL_EXAMPLES:-${DEF[15]}}; EVAL_EVERY=${EVAL_EVERY:-${DEF[16]}}
 fi
 TAG="d${DEPTH}"
-KB_DIR="$REPO/data/builtin/kb"
+KB_DIR="$BUILTIN/kb"
 QUESTION=${QUESTION:-}
 echo "== nanochat-rag speedrun: $([ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s), $NPROC processes" || echo "CPU") | depth $DEPTH | pattern $BLOCK_PATTERN | base dir $NANOCHAT_BASE_DIR"
 
@@ -120,10 +136,10 @@ fi
 if [ "$NGPU" -gt 0 ]; then
     stage download "$DATA_DIR/.complete_$NUM_SHARDS" bash -c "python -m nanochat.dataset -n $NUM_SHARDS && touch $DATA_DIR/.complete_$NUM_SHARDS"
 else
-    stage corpus "$DATA_DIR/manifest.json" python -m nanochat.dataset --builtin --output "$DATA_DIR"
+    stage corpus "$DATA_DIR/manifest.json" python -m nanochat.dataset --builtin $CORPUS_FLAGS --output "$DATA_DIR"
 fi
 # the built-in KB documents and QA pairs (train modules / held-out eval modules) are used on GPU too
-stage stdlib-qa "$REPO/data/builtin/manifest.json" python -m tasks.stdlib_qa --output "$REPO/data/builtin" ${TINY_CAPS:-}
+stage stdlib-qa "$BUILTIN/manifest.json" python -m tasks.stdlib_qa --output "$BUILTIN" --doc-chars "$DOC_CHARS" ${TINY_CAPS:-}
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -143,15 +159,16 @@ stage base_train "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG" $RUN scripts.base_tr
 # supervised fine-tuning
 stage chat_sft "$NANOCHAT_BASE_DIR/sft_checkpoints/$TAG" $RUN scripts.chat_sft \
     --source base --model-tag "$TAG" --data "$SFT_DATA" --num-epochs "$SFT_EPOCHS" --device-batch-size "$SFT_BATCH" \
-    --eval-every "$EVAL_EVERY"
+    --max-seq-len "$SFT_SEQ" --eval-every "$EVAL_EVERY" --init-lr-frac "$LR_FRAC"
 
 # -----------------------------------------------------------------------------
 # knowledge base + RAG fine-tuning + evaluation
-KB_SOURCE=${KB_DOCS:-$REPO/data/builtin/kb_documents.jsonl}
+KB_SOURCE=${KB_DOCS:-$BUILTIN/kb_documents.jsonl}
 stage kb_build "$KB_DIR/kb.json" python -m nanochat.retrieval --documents "$KB_SOURCE" --output "$KB_DIR" --type "$RETRIEVER"
 stage rag_finetune "$NANOCHAT_BASE_DIR/rag_checkpoints/$TAG" $RUN scripts.rag_finetune \
     --source sft --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" --num-epochs "$RAG_EPOCHS" \
-    --device-batch-size "$SFT_BATCH" --eval-every "$EVAL_EVERY" --block-pattern "$BLOCK_PATTERN"
+    --device-batch-size "$SFT_BATCH" --eval-every "$EVAL_EVERY" --block-pattern "$BLOCK_PATTERN" \
+    --init-lr-frac "$LR_FRAC" $RAG_FLAGS
 stage rag_eval "$NANOCHAT_BASE_DIR/report/rag_eval.json" $RUN scripts.rag_eval \
     --source rag --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" --max-examples "$EVAL_EXAMPLES"
 
@@ -160,7 +177,7 @@ stage rag_eval "$NANOCHAT_BASE_DIR/report/rag_eval.json" $RUN scripts.rag_eval \
 if [ -z "$QUESTION" ]; then
     QUESTION=$(python -c "
 import json
-with open('$REPO/data/builtin/qa_eval.jsonl') as f:
+with open('$BUILTIN/qa_eval.jsonl') as f:
     print(json.loads(f.readline())['messages'][0]['content'])")
 fi
 echo "== [final] Q: $QUESTION"

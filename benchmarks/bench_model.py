@@ -58,7 +58,9 @@ def bench_train(args):
     peak = get_peak_flops(device_type)
     autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else torch.autocast("cpu", enabled=False)
     for name, pattern in PATTERNS.items():
-        impls = ["triton", "torch"] if "M" in pattern else ["-"]
+        if args.patterns and name not in args.patterns.split(","):
+            continue
+        impls = [i for i in ("triton", "torch") if i in args.impls.split(",")] if "M" in pattern else ["-"]
         if args.small:
             pattern = pattern[:4]
         for impl in impls:
@@ -181,6 +183,8 @@ def main():
     parser.add_argument("--compile", type=int, default=1)
     parser.add_argument("--contexts", default="2048,8192,32768")
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--patterns", default="", help="comma-separated subset of: " + ", ".join(PATTERNS))
+    parser.add_argument("--impls", default="triton,torch", help="Mamba paths to time: triton,torch")
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import builtin_dir, get_base_dir, repo_dir, atomic_path, atomic_dir, print0
+from nanochat.common import builtin_dir, get_base_dir, atomic_path, atomic_dir, print0
 
 # -----------------------------------------------------------------------------
 # where data lives
@@ -418,8 +418,50 @@ def format_record(rec):
     return f"Module {module}\n\n{head}\n\n{doc}"
 
 
+def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=1_000_000):
+    """
+    More real text that every Python install has: the .py source of the standard library's TRAIN modules
+    (held-out modules, tests and idlelib skipped) and, with site_packages=True, of the installed packages.
+    Returns documents "# file: <relative path>\n\n<source>", in a fixed order, up to max_chars in total.
+    """
+    import sysconfig
+    from nanochat.stdlib_docs import is_eval_module
+    roots = [("stdlib", sysconfig.get_paths()["stdlib"])]
+    if site_packages:
+        roots += [("site-packages", p) for p in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})]
+    skip_dirs = {"__pycache__", "test", "tests", "idlelib", "site-packages", "dist-packages", "testing"}
+    docs, total = [], 0
+    for kind, root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, root)
+                top = rel.split(os.sep)[0].removesuffix(".py")
+                if kind == "stdlib" and (top.startswith("_") or is_eval_module(top)):
+                    continue
+                try:
+                    if os.path.getsize(path) > max_file_bytes:
+                        continue
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if not text.strip():
+                    continue
+                docs.append(f"# file: {kind}/{rel}\n\n{text}")
+                total += len(docs[-1])
+                if max_chars is not None and total >= max_chars:
+                    return docs
+    return docs
+
+
 def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modules=None, row_group_size=1000,
-                         progress=True):
+                         progress=True, extra_docs=None):
     """
     Write the built-in corpus: every harvested stdlib record of a TRAIN module (held-out eval modules are left out
     entirely, see nanochat/stdlib_docs.py), shuffled with a fixed seed, split evenly into num_shards parquet shards
@@ -434,7 +476,7 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
         records = harvest(max_modules=max_modules, progress=progress)
     train = [r for r in records if record_split(r) == "train"]
     held_out = sorted({r["module"].split(".")[0] for r in records if record_split(r) == "eval"})
-    docs = [format_record(r) for r in sorted(train, key=lambda r: r["id"])]
+    docs = [format_record(r) for r in sorted(train, key=lambda r: r["id"])] + list(extra_docs or [])
     if len(docs) < num_shards:
         raise ValueError(f"only {len(docs)} train documents for {num_shards} shards")
     random.Random(1337).shuffle(docs)  # shards (and the validation shard) mix all modules
@@ -454,6 +496,7 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
             "documents": len(docs),
             "chars": sum(s["chars"] for s in shards),
             "excluded_eval_records": len(records) - len(train),
+            "extra_documents": len(extra_docs or []),
             "held_out_modules": held_out,
             "split_rule": "a top-level module is held out for evaluation iff int(sha1(name), 16) % 5 == 0; its "
                           "records (and its submodules') are not in this corpus. The last shard is validation.",
@@ -483,9 +526,18 @@ def main(argv=None):
     parser.add_argument("--url", type=str, default=None, help=f"shard URL pattern with {{index}} (or ${URL_ENV}); "
                         f"default {DEFAULT_URL}")
     parser.add_argument("--retries", type=int, default=5, help="attempts per shard (exponential backoff)")
+    parser.add_argument("--with-source", action="store_true", help="--builtin: add the .py source of the train "
+                        "stdlib modules (about 10x more real text, still offline)")
+    parser.add_argument("--site-packages", action="store_true", help="--builtin --with-source: add the installed "
+                        "packages' .py source too")
+    parser.add_argument("--max-chars", type=float, default=None, help="--with-source: cap on the source text added")
     args = parser.parse_args(argv)
     if args.builtin:
-        build_builtin_corpus(args.output, num_shards=args.num_files or 10)
+        extra = None
+        if args.with_source:
+            extra = python_source_documents(args.site_packages, int(args.max_chars) if args.max_chars else None)
+            print0(f"python source: {len(extra):,} files, {sum(len(d) for d in extra):,} chars")
+        build_builtin_corpus(args.output, num_shards=args.num_files or (10 if extra is None else 40), extra_docs=extra)
     elif args.num_files is not None:
         download_shards(args.num_files, args.output, args.num_workers, args.url, args.retries)
     else:

@@ -104,6 +104,21 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([y1, y2], 3).to(x.dtype)
 
 
+def decode_attention(q, k, v):
+    """
+    One query per row over the whole cache: q (B, H, 1, D), k/v (B, Hkv, L, D) -> (B, H, 1, D).
+    Plain matmuls on purpose: the key length changes at every decode step, and SDPA's per-shape kernel
+    selection (cuDNN plans on H100) cost milliseconds per layer per token (measured: all-T d12 decoded at 15-22
+    tokens/s on an H100, dev/LOG.md 2026-11-24); these two small matmuls have no per-shape setup.
+    """
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # query heads grouped under their key/value head (GQA)
+    scores = torch.matmul(qg, k.transpose(-1, -2).to(qg.dtype)) * (D ** -0.5)  # (B, Hkv, G, L)
+    att = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(att, v).reshape(B, H, 1, D).to(q.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -136,7 +151,7 @@ class CausalSelfAttention(nn.Module):
             k_all = layer_cache.k[:, :, :pos + T]
             v_all = layer_cache.v[:, :, :pos + T]
             if T == 1:
-                y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=False, enable_gqa=enable_gqa)
+                y = decode_attention(q, k_all, v_all)
             elif pos == 0:
                 y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, enable_gqa=enable_gqa)
             else:

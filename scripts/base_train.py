@@ -12,7 +12,6 @@ checkpoint at the end (and every --save-every steps) under $NANOCHAT_BASE_DIR/ba
 --resume continues from the last one with the same data order, optimizer state and schedule.
 """
 
-import os
 import time
 import math
 import argparse
@@ -165,6 +164,13 @@ train_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_s
                                                   device=device, data_dir=args.data_dir, resume_state=loader_state)
 consumed_state = loader_state  # the loader state *before* the batch in hand: what a checkpoint must save
 x, y, next_state = next(train_loader)
+if ddp:  # each rank must read different data: compare a checksum of every rank's first batch
+    checksum = torch.tensor([float((x.double() * torch.arange(x.numel(), device=x.device).view_as(x)).sum() % 1e9)],
+                            dtype=torch.float64, device=device)
+    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(sums, checksum)
+    sums = [s.item() for s in sums]
+    print0(f"first-batch checksums per rank: {sums} ({'all different' if len(set(sums)) == world_size else 'DUPLICATES'})")
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
 
 

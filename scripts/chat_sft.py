@@ -13,6 +13,7 @@ The loop is importable: scripts/rag_finetune.py builds its own tasks and calls
 so SFT, RAG and REFRAG fine-tuning share one implementation (packing, schedule, eval, checkpoints, resume).
 """
 
+import gc
 import os
 import time
 import math
@@ -337,6 +338,12 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
         figures["mfu_percent"] = round(100 * flops_per_token * tok_per_s / (peak * world_size), 2)
     print0(f"{stage} done: {num_iterations} steps in {total_time:.1f} s; val loss {first_val} -> {val_loss}")
     write_stage(stage, figures, time_s=time.time() - t_start)
+    if ddp:
+        # free DDP's reducer while the process group is still registered: if the reducer held the last reference
+        # when this function returns, gloo's destructor joins its worker threads under the GIL and can deadlock
+        dist.barrier()
+        del model, eval_model
+        gc.collect()
     compute_cleanup()
     return figures
 

@@ -16,7 +16,7 @@ parser.add_argument("--tokenizer-dir", type=str, default=None,
                     help="directory with tokenizer.json (default: $NANOCHAT_BASE_DIR/tokenizer)")
 parser.add_argument("--data-dir", type=str, default=None,
                     help="training data directory for the val split (default: nanochat.dataset.default_data_dir())")
-parser.add_argument("--val-chars", type=int, default=1_000_000, help="characters of val text to measure (1e6)")
+parser.add_argument("--val-chars", type=lambda s: int(float(s)), default=1_000_000, help="characters of val text to measure (1e6)")
 parser.add_argument("--output", type=str, default=None,
                     help="markdown report path (default: $NANOCHAT_BASE_DIR/report/tok_eval.md)")
 args = parser.parse_args()

@@ -16,14 +16,14 @@ import argparse
 parser = argparse.ArgumentParser(description="Train the nanochat-rag BPE tokenizer (rustbpe -> tiktoken)")
 parser.add_argument("--vocab-size", type=int, default=32768,
                     help="total vocabulary size, special tokens included (default: 32768 = 2^15)")
-parser.add_argument("--max-chars", type=int, default=2_000_000_000,
+parser.add_argument("--max-chars", type=lambda s: int(float(s)), default=2_000_000_000,
                     help="stop after this many characters of training text (default: 2e9)")
 parser.add_argument("--doc-cap", type=int, default=10_000, help="keep at most this many chars of each document")
 parser.add_argument("--data-dir", type=str, default=None,
                     help="directory of .parquet/.jsonl/.txt shards (default: nanochat.dataset.default_data_dir())")
 parser.add_argument("--output", type=str, default=None,
                     help="where to save tokenizer.json (default: $NANOCHAT_BASE_DIR/tokenizer)")
-parser.add_argument("--val-chars", type=int, default=2_000_000,
+parser.add_argument("--val-chars", type=lambda s: int(float(s)), default=2_000_000,
                     help="characters of val text for the compression check (default: 2e6)")
 args = parser.parse_args()
 

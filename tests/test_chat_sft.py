@@ -87,7 +87,7 @@ def test_chat_sft_resume_continues_exactly(sft_env):
 
 @pytest.mark.slow
 def test_chat_sft_torchrun_two_processes(sft_env):
-    env, base = sft_env["env"], sft_env["base"]
+    env = sft_env["env"]
     p = run_script(["torchrun", "--standalone", "--nproc_per_node=2", "-m", *SFT, "--num-iterations", "4",
                     "--eval-every", "4", "--eval-steps", "2"], env)
     assert p.stdout.count("saved checkpoint") == 1

@@ -1,7 +1,6 @@
 """Tests for nanochat/checkpoint_manager.py: round trip, atomic writes, refusals with clear messages."""
 
 import os
-import glob
 import pickle
 
 import pytest

@@ -191,7 +191,6 @@ def test_hybrid_cache_is_smaller_at_long_context():
     h = make_model("MMMT", seq_len=32, randomize=False)
     small_t = InferenceCache(t, 1, 256).nbytes()
     big_t = InferenceCache(t, 1, 4096).nbytes()
-    small_h = InferenceCache(h, 1, 256).nbytes()
     big_h = InferenceCache(h, 1, 4096).nbytes()
     assert big_t == 16 * small_t  # attention cache is linear in the context
     assert big_h < big_t / 3  # only one layer in four keeps a KV cache
