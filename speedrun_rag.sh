@@ -28,7 +28,7 @@
 #   RAG_EPOCHS RAG_TOP_K RETRIEVER (simple|bm25|dense|hybrid)       RAG_FLAGS extra rag_finetune flags (e.g. --no-raft)
 #   DOC_CHARS           cap on each built-in KB document's docstring (short documents fit a small context)
 #   KB_DOCS             a JSONL of your own documents for the KB (default: the built-in stdlib docs)
-#   EVAL_EXAMPLES       held-out questions for rag_eval     EVAL_EVERY  val loss every N steps
+#   EVAL_EXAMPLES       held-out questions for rag_eval     EVAL_EVERY  val loss every N steps   EVAL_TOKENS  per val bpb
 #   QUESTION            the final one-shot question
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -79,14 +79,14 @@ if [ "$NGPU" -gt 0 ]; then
     SFT_DATA=${SFT_DATA:-smoltalk}; SFT_EPOCHS=${SFT_EPOCHS:-1}; SFT_BATCH=${SFT_BATCH:-16}; SFT_SEQ=${SFT_SEQ:-2048}
     RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-5}; RETRIEVER=${RETRIEVER:-hybrid}; RAG_FLAGS=${RAG_FLAGS:-}
     DOC_CHARS=${DOC_CHARS:-1200}; LR_FRAC=${LR_FRAC:-0.1}
-    EVAL_EXAMPLES=${EVAL_EXAMPLES:-300}; EVAL_EVERY=${EVAL_EVERY:-250}
+    EVAL_EXAMPLES=${EVAL_EXAMPLES:-300}; EVAL_EVERY=${EVAL_EVERY:-250}; EVAL_TOKENS=${EVAL_TOKENS:-10485760}
 else
     RUN="python -m"
     if [ "$SIZE" = "tiny" ]; then  # the smallest end-to-end setting (tests/test_speedrun.py), about 2 minutes
         DEF=(1024 3000000 2 TM 32 32 256 4 1024 20 16 16 32 0.05 0.05 10 10 300)
         TINY_CAPS="--max-docs 400 --max-train 300 --max-eval 30"
     else  # the CPU default: a few minutes per stage on 2 cores
-        DEF=(2048 20000000 4 TMTM 32 32 384 8 3072 700 16 32 64 1 2 200 100 300)
+        DEF=(2048 20000000 4 TMTM 32 32 256 8 2048 900 16 32 64 1 2 200 100 300)
     fi
     VOCAB_SIZE=${VOCAB_SIZE:-${DEF[0]}}; TOK_MAX_CHARS=${TOK_MAX_CHARS:-${DEF[1]}}
     DEPTH=${DEPTH:-${DEF[2]}}; BLOCK_PATTERN=${BLOCK_PATTERN:-${DEF[3]}}
@@ -97,12 +97,13 @@ else
     DATA_DIR="$BUILTIN/corpus"; CORPUS_FLAGS=${CORPUS_FLAGS:---with-source}
     SFT_DATA=${SFT_DATA:-builtin}; SFT_EPOCHS=${SFT_EPOCHS:-${DEF[13]}}; SFT_BATCH=${SFT_BATCH:-$DEVICE_BATCH_SIZE}
     SFT_SEQ=${SFT_SEQ:-$MAX_SEQ_LEN}
-    RAG_EPOCHS=${RAG_EPOCHS:-${DEF[14]}}; RAG_TOP_K=${RAG_TOP_K:-3}; RETRIEVER=${RETRIEVER:-bm25}
+    RAG_EPOCHS=${RAG_EPOCHS:-${DEF[14]}}; RAG_TOP_K=${RAG_TOP_K:-2}; RETRIEVER=${RETRIEVER:-bm25}
     # a tiny model learns "copy from the top document" well before "find the right one among shuffled documents",
     # so the CPU default keeps retrieval order (RAFT's shuffling and no-gold examples stay on for GPUs)
     RAG_FLAGS=${RAG_FLAGS:---no-raft}
     DOC_CHARS=${DOC_CHARS:-${DEF[17]}}; LR_FRAC=${LR_FRAC:-0.5}
     EVAL_EXAMPLES=${EVAL_EXAMPLES:-${DEF[15]}}; EVAL_EVERY=${EVAL_EVERY:-${DEF[16]}}
+    EVAL_TOKENS=${EVAL_TOKENS:-$((8 * DEVICE_BATCH_SIZE * MAX_SEQ_LEN))}  # 8 val batches per evaluation
 fi
 TAG="d${DEPTH}"
 KB_DIR="$BUILTIN/kb"
@@ -124,6 +125,7 @@ stage() {
         exit 1
     fi
     echo "== [$name] done in $((SECONDS - t0)) s"
+    python -m nanochat.report time "$name" "$((SECONDS - t0))"
 }
 set -o pipefail
 
@@ -153,7 +155,8 @@ stage base_train "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG" $RUN scripts.base_tr
     --depth "$DEPTH" --block-pattern "$BLOCK_PATTERN" --aspect-ratio "$ASPECT_RATIO" --head-dim "$HEAD_DIM" \
     --max-seq-len "$MAX_SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" --total-batch-size "$TOTAL_BATCH_SIZE" \
     --num-iterations "$BASE_ITERS" --mamba-d-state "$MAMBA_D_STATE" --mamba-headdim "$MAMBA_HEADDIM" \
-    --mamba-chunk-size "$MAMBA_CHUNK" --data-dir "$DATA_DIR" --eval-every "$EVAL_EVERY" --sample-every -1 --model-tag "$TAG"
+    --mamba-chunk-size "$MAMBA_CHUNK" --data-dir "$DATA_DIR" --eval-every "$EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" \
+    --sample-every -1 --model-tag "$TAG"
 
 # -----------------------------------------------------------------------------
 # supervised fine-tuning

@@ -31,7 +31,9 @@ identical to those of an uninterrupted run. Both splits loop over epochs forever
 as it wants); the state's epoch counts passes over this rank's documents.
 """
 
+import queue
 import bisect
+import threading
 
 import torch
 
@@ -155,3 +157,31 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", dat
         state = {"version": STATE_VERSION, "split": split, "rank": rank, "world_size": world_size, "epoch": epoch,
                  "last": None if last is None else list(last), "buffer": [list(p) for p, _ in buffer.values()]}
         yield inputs, targets, state
+
+
+def prefetch(iterator, depth=2):
+    """
+    Run a batch iterator in a background thread, up to `depth` batches ahead, so tokenizing, rendering and
+    packing the next batches overlaps with the accelerator working on the current one (the main thread waits
+    on the GPU with the GIL released). Order, and so every (batch, state) pair, is unchanged; an exception in
+    the producer is re-raised here.
+    """
+    q = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # hand it to the consumer
+            q.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -404,7 +404,12 @@ def download_shards(num_shards, output_dir=None, workers=4, url_pattern=None, re
 
 
 def format_record(rec):
-    """A harvested stdlib record as a pretraining document."""
+    """
+    A harvested stdlib record as a pretraining document. API records end with a one-line recap (the name, its
+    signature and the docstring's first sentence, repeated from above): answering from a retrieved document
+    is mostly copying from context, and these recaps let even the tiny CPU model practise that while
+    pretraining (only on train modules; held-out modules are not in the corpus at all).
+    """
     kind, module, doc = rec["kind"], rec["module"], rec["doc"]
     if kind == "topic":
         return f"Python language reference: {rec['name']}\n\n{doc}"
@@ -415,7 +420,10 @@ def format_record(rec):
         head = "class " + head
     elif kind == "method":
         head = rec["name"].rsplit(".", 1)[0] + "." + head
-    return f"Module {module}\n\n{head}\n\n{doc}"
+    from tasks.stdlib_qa import first_sentence
+    summary = first_sentence(doc)
+    recap = f"\n\nIn short, `{module}.{rec['name']}`: {summary}" + (f" Signature: {rec['signature']}" if rec["signature"] else "")
+    return f"Module {module}\n\n{head}\n\n{doc}" + (recap if summary else "")
 
 
 def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=1_000_000):

@@ -169,6 +169,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from nanochat.report import write_stage
+    write_stage("kb_build", dict(kb=s["output"], retriever=args.type, documents=s["documents"], chunks=s["chunks"],
+                                 total_chunks=s["total_chunks"], duplicates_dropped=s["duplicates"],
+                                 bad_lines_skipped=s["bad_lines"], index_mb=round(s["index_bytes"] / 1e6, 2)),
+                time_s=s["seconds"])
     print0(f"{'appended to' if args.append else 'built'} {args.type} KB {s['output']}: {s['documents']} documents -> "
            f"{s['chunks']} chunks (total {s['total_chunks']}), {s['duplicates']} duplicates dropped, "
            f"{s['bad_lines']} bad lines skipped, {s['seconds']:.1f}s, index size {s['index_bytes'] / 1e6:.2f} MB")

@@ -4,6 +4,7 @@ system info, a table per stage, time per stage and PNG plots (loss curves; close
 
     python -m nanochat.report reset       # start a new report (speedrun_rag.sh does this first)
     python -m nanochat.report generate    # write $NANOCHAT_BASE_DIR/report/report.md and print its path
+    python -m nanochat.report time STAGE SECONDS   # record a stage's wall time (speedrun_rag.sh does this)
 
 From code (rank 0 only; other ranks are no-ops):
     from nanochat.report import log_step, write_stage
@@ -98,7 +99,7 @@ def system_info():
 def reset():
     """Clear the previous report (stage files, logs, plots) and record system info + start time."""
     d = report_dir()
-    for f in glob.glob(os.path.join(d, "*.json")) + glob.glob(os.path.join(d, "*.png")):
+    for f in glob.glob(os.path.join(d, "*.json")) + glob.glob(os.path.join(d, "*.png")) + glob.glob(os.path.join(d, "*.jsonl")):
         os.remove(f)
     shutil.rmtree(os.path.join(d, "logs"), ignore_errors=True)
     info = system_info()
@@ -215,6 +216,16 @@ def generate():
             bars = _plot_rag_bars(d, figs)
             if bars:
                 lines += [f"![closed-book vs RAG]({bars})", ""]
+    # wall time per speedrun stage (speedrun_rag.sh appends to timings.jsonl), else the stages' own times
+    tpath = os.path.join(d, "timings.jsonl")
+    if os.path.exists(tpath):
+        with open(tpath, encoding="utf-8") as f:
+            last = {}
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    last[r["stage"]] = r["seconds"]  # a re-run stage keeps its latest time
+        timing = list(last.items())
     if timing:
         lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {t} | {s:.1f} |" for t, s in timing]
@@ -228,9 +239,16 @@ def generate():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Reset or generate the run report under $NANOCHAT_BASE_DIR/report.")
-    parser.add_argument("command", choices=["reset", "generate"], help="reset: start a new report; generate: write report.md")
+    parser.add_argument("command", choices=["reset", "generate", "time"],
+                        help="reset: start a new report; generate: write report.md; time STAGE SECONDS: record a stage's wall time")
+    parser.add_argument("args", nargs="*", help="time: STAGE SECONDS")
     args = parser.parse_args()
-    if args.command == "reset":
+    if args.command == "time":
+        if len(args.args) != 2:
+            parser.error("time needs STAGE SECONDS")
+        with open(os.path.join(report_dir(), "timings.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": args.args[0], "seconds": float(args.args[1])}) + "\n")
+    elif args.command == "reset":
         reset()
         print(f"report reset in {report_dir()}")
     else:

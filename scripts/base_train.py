@@ -76,7 +76,7 @@ args = parser.parse_args()
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
-from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataloader import tokenizing_distributed_data_loader, prefetch
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint, load_checkpoint, find_last_step, make_meta
@@ -160,8 +160,9 @@ if optim_state is not None:
         opt.load_state_dict(st)
 muon = optimizers[1] if len(optimizers) > 1 else None
 
-train_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
-                                                  device=device, data_dir=args.data_dir, resume_state=loader_state)
+# tokenizing and packing run in a background thread, ahead of the GPU
+train_loader = prefetch(tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
+                                                           device=device, data_dir=args.data_dir, resume_state=loader_state))
 consumed_state = loader_state  # the loader state *before* the batch in hand: what a checkpoint must save
 x, y, next_state = next(train_loader)
 if ddp:  # each rank must read different data: compare a checksum of every rank's first batch

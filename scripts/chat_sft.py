@@ -208,6 +208,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
     from nanochat.checkpoint_manager import (load_model, checkpoint_dir, save_checkpoint, load_checkpoint,
                                              find_last_step, make_meta)
     from nanochat.report import log_step, write_stage, reset_log
+    from nanochat.dataloader import prefetch
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     device_type = device.type
@@ -260,7 +261,8 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
         for opt, st in zip(optimizers, optim_state):
             opt.load_state_dict(st)
 
-    train_iter = sft_batches(train_task, tokenizer, B, T, device, rank, world_size, args.seed, resume_state=loader_state)
+    # rendering + packing runs in a background thread, ahead of the GPU (nanochat.dataloader.prefetch)
+    train_iter = prefetch(sft_batches(train_task, tokenizer, B, T, device, rank, world_size, args.seed, resume_state=loader_state))
     consumed_state = loader_state
     x, y, next_state = next(train_iter)
     flops_per_token = orig_model.estimate_flops()

@@ -135,3 +135,6 @@ if unavailable:
 out_path = args.output or os.path.join(get_base_dir(), "report", "tok_eval.md")
 atomic_write_text(out_path, "\n".join(report))
 print0(f"wrote {out_path}")
+from nanochat.report import write_stage
+write_stage("tok_eval", {f"{row['text']} bytes/token (ours)": round(row["ours"][1], 3) for row in rows},
+            markdown=table + (f"\n\nUnavailable offline: {', '.join(unavailable)}." if unavailable else ""))

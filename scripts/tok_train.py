@@ -102,3 +102,10 @@ if val_texts:
           f"bytes per token ({len(val_texts)} documents)")
 else:
     print0("no val text found: compression check skipped")
+
+from nanochat.report import write_stage
+figures = dict(vocab_size=tokenizer.get_vocab_size(), train_documents=stats["docs"], train_chars=stats["chars"],
+               train_seconds=round(train_time, 2), data_dir=data_dir)
+if val_texts:
+    figures["val_bytes_per_token"] = round(n_bytes / max(n_tokens, 1), 3)
+write_stage("tok_train", figures, time_s=time.time() - t0)

@@ -191,3 +191,17 @@ def test_buffer_of_one_packs_in_stream_order(tmp_path):
     n = len(expected) // B - 1
     got = [r.tolist() for x, y, _ in take(loader, n) for r in rows_of(x, y)]
     assert got == expected[:n * B]
+
+
+def test_prefetch_keeps_order_and_raises():
+    from nanochat.dataloader import prefetch
+    assert list(prefetch(iter(range(100)), depth=3)) == list(range(100))
+
+    def broken():
+        yield 1
+        raise ValueError("bad shard")
+
+    it = prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad shard"):
+        next(it)
