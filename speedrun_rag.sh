@@ -86,7 +86,7 @@ else
         DEF=(1024 3000000 2 TM 32 32 256 4 1024 20 16 16 32 0.05 0.05 10 10 300)
         TINY_CAPS="--max-docs 400 --max-train 300 --max-eval 30"
     else  # the CPU default: a few minutes per stage on 2 cores
-        DEF=(2048 20000000 4 TMTM 32 32 256 8 2048 900 16 32 64 1 2 200 100 300)
+        DEF=(2048 20000000 4 TMTM 32 32 256 8 2048 900 16 32 64 1 6 200 100 300)
     fi
     VOCAB_SIZE=${VOCAB_SIZE:-${DEF[0]}}; TOK_MAX_CHARS=${TOK_MAX_CHARS:-${DEF[1]}}
     DEPTH=${DEPTH:-${DEF[2]}}; BLOCK_PATTERN=${BLOCK_PATTERN:-${DEF[3]}}

@@ -14,6 +14,9 @@ Sections:
   attention and the SSD scan), and the ratio to all-T.
 - decode: prefill a random prompt of 2k/8k/32k tokens, then 64 decode steps at batch 1 with the Engine's cache;
   decode tokens/s and cache bytes for all-T vs the 1-in-4 hybrid.
+- memory: activation bytes one Mamba2 layer (torch path) keeps for backward, with the scan's intermediates
+  stored vs recomputed in backward (NANOCHAT_MAMBA_RECOMPUTE=0/1), at the d12 shape, batch 1 (counted with
+  autograd's saved-tensor hooks, so it runs on CPU too; the checkpoint's own inputs are alive anyway).
 (The Mamba2 layer alone, ours vs mamba_ssm's Mamba2, is benchmarks/check_mamba_triton.py.)
 Results: a table on stdout, and JSON at --json (or $OUT/bench_model.json when $OUT is set).
 """
@@ -30,7 +33,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.engine import InferenceCache
-from nanochat.common import get_peak_flops
+from nanochat.common import dual, get_peak_flops
 
 PATTERNS = {
     "all-T": "T" * 12,
@@ -169,20 +172,57 @@ def bench_decode(args):
     return rows
 
 
+def bench_memory(args):
+    """Saved-for-backward bytes of one Mamba2 layer (torch path), scan stored vs recomputed."""
+    from nanochat.mamba import Mamba2
+    torch.manual_seed(0)
+    m = Mamba2(args.n_embd, d_state=args.d_state, chunk_size=args.chunk).to(args.device)
+    u = torch.randn(1, args.seq_len, args.n_embd, device=args.device)
+    rows = []
+    old_impl, old_rec = os.environ.get("NANOCHAT_MAMBA_IMPL"), os.environ.get("NANOCHAT_MAMBA_RECOMPUTE")
+    os.environ["NANOCHAT_MAMBA_IMPL"] = "torch"
+    try:
+        for mode in ("0", "1"):
+            os.environ["NANOCHAT_MAMBA_RECOMPUTE"] = mode
+            saved = [0]
+
+            def pack(t):
+                saved[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = m(u).float().square().mean()
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+            rows.append(dict(recompute=mode == "1", saved_mb=saved[0] / 2**20))
+    finally:
+        for k, v in (("NANOCHAT_MAMBA_IMPL", old_impl), ("NANOCHAT_MAMBA_RECOMPUTE", old_rec)):
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print(f"\nMamba2 layer saved for backward, d_model {args.n_embd}, seq {args.seq_len}, batch 1, chunk {args.chunk}")
+    print("| scan intermediates | saved MB | ratio |\n|---|---|---|")
+    for r in rows:
+        print(f"| {'recomputed' if r['recompute'] else 'stored'} | {r['saved_mb']:.1f} | "
+              f"{r['saved_mb'] / rows[0]['saved_mb']:.3f} |")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description="T vs M vs hybrid: training throughput/MFU and decode speed/memory.")
-    parser.add_argument("--sections", default="train,decode")
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--vocab-size", type=int, default=65536)
-    parser.add_argument("--d-state", type=int, default=128)
+    parser.add_argument("--sections", default="train,decode", help="comma-separated: train, decode, memory")
+    parser.add_argument(*dual("n-embd"), type=int, default=768)
+    parser.add_argument(*dual("seq-len"), type=int, default=2048)
+    parser.add_argument(*dual("batch-size"), type=int, default=16)
+    parser.add_argument(*dual("vocab-size"), type=int, default=65536)
+    parser.add_argument(*dual("d-state"), type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", type=int, default=1)
     parser.add_argument("--contexts", default="2048,8192,32768")
-    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument(*dual("decode-steps"), type=int, default=64)
     parser.add_argument("--patterns", default="", help="comma-separated subset of: " + ", ".join(PATTERNS))
     parser.add_argument("--impls", default="triton,torch", help="Mamba paths to time: triton,torch")
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
@@ -202,6 +242,8 @@ def main():
         out["train"] = bench_train(args)
     if "decode" in sections:
         out["decode"] = bench_decode(args)
+    if "memory" in sections:
+        out["memory"] = bench_memory(args)
     path = args.json or (os.path.join(os.environ["OUT"], "bench_model.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:

@@ -100,6 +100,29 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_states, meta, rank=0)
     print0(f"saved checkpoint to {ckpt_dir} (step {step})")
 
 
+def gather_loader_states(state):
+    """Every process's data-loader state, as a list indexed by rank (all ranks must call this together): each
+    rank reads its own share of the data, so resuming needs each one's position, not just rank 0's."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def loader_state_for_rank(meta, rank, world_size, where):
+    """This rank's loader state from a checkpoint's meta (None when it has none); the world size must match."""
+    states = meta.get("dataloader_states")
+    if states is None:
+        return None
+    if not isinstance(states, list) or len(states) != world_size:
+        n = len(states) if isinstance(states, list) else states
+        raise ValueError(f"{where}: the checkpoint was saved by {n} process(es) but this run has {world_size}; "
+                         f"each process's data position is saved separately, so resume with the same number")
+    return states[rank]
+
+
 def load_checkpoint(ckpt_dir, step, device, load_optimizer=False):
     """-> (model_state, optimizer_states or None, meta)."""
     model_path = os.path.join(ckpt_dir, f"model_{step:06d}.pt")
@@ -133,7 +156,12 @@ def build_model(ckpt_dir, step, device, phase, block_pattern=None, tokenizer=Non
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
     config = GPTConfig(**meta["model_config"])
     if block_pattern is not None:
-        wanted = parse_block_pattern(block_pattern, config.n_layer)
+        try:
+            wanted = parse_block_pattern(block_pattern, config.n_layer)
+        except ValueError as e:  # e.g. a 4-letter pattern for a 2-layer checkpoint: say what the checkpoint has
+            raise ValueError(f"block pattern mismatch: the checkpoint {ckpt_dir} (step {step}) has "
+                             f"{''.join(config.block_pattern)} ({config.n_layer} layers) but {block_pattern!r} was "
+                             f"requested ({e})") from None
         if wanted != config.block_pattern:
             raise ValueError(f"block pattern mismatch: the checkpoint {ckpt_dir} (step {step}) has "
                              f"{''.join(config.block_pattern)} but {''.join(wanted)} was requested")

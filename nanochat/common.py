@@ -7,6 +7,7 @@ Nothing here has a CLI; import what you need:
 """
 
 import os
+import re
 import json
 import shutil
 import logging
@@ -156,17 +157,73 @@ def atomic_path(final_path):
         raise
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def _siblings(final_dir):
+    """Our temp/aside dirs next to final_dir: (path, pid, kind) with kind "tmp" or "old"."""
+    parent, base = os.path.dirname(final_dir), os.path.basename(final_dir)
+    out = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape("." + base) + r"\.(\d+)\.[^.]*\.(tmp|old)", name)
+        if m:
+            out.append((os.path.join(parent, name), int(m.group(1)), m.group(2)))
+    return out
+
+
+def recover_dir(final_dir):
+    """
+    Clean up after a process that was killed inside atomic_dir (dirs of live processes are left alone). Its
+    temp dir is deleted, except when it died in the instant between moving the old final_dir aside and renaming
+    the new one in: then the temp dir is complete (the old one is only moved once it is) and is renamed into
+    place, or, without one, the old dir is put back. Returns the paths removed or moved.
+    """
+    final_dir = os.path.abspath(os.fspath(final_dir))
+    by_pid = {}
+    for path, pid, kind in _siblings(final_dir):
+        if pid != os.getpid() and not _pid_alive(pid):
+            by_pid.setdefault(pid, {}).setdefault(kind, []).append(path)
+    done = []
+    for pid, kinds in sorted(by_pid.items()):
+        olds, tmps = kinds.get("old", []), kinds.get("tmp", [])
+        if olds and not os.path.exists(final_dir):
+            os.rename(tmps[0] if tmps else olds[0], final_dir)
+            done.append(tmps[0] if tmps else olds[0])
+        for path in olds + tmps:
+            if path not in done:
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(path)
+    return done
+
+
 @contextlib.contextmanager
-def atomic_dir(final_dir, keep_old=False):
+def atomic_dir(final_dir, keep_old=False, marker=None):
     """
     Yields a fresh temporary directory next to final_dir; on success it replaces final_dir (the old one,
-    if any, is moved aside and then deleted, so there is never a moment with a half-written final_dir).
-    On any exception the temp dir is deleted and final_dir is left as it was.
+    if any, is moved aside and then deleted, so there is never a half-written final_dir). On any exception
+    the temp dir is deleted and final_dir is left as it was; leftovers of a killed earlier run are cleaned up
+    first (recover_dir). marker: a file name that an existing non-empty final_dir must contain to be replaced
+    (e.g. "kb.json"), so that pointing --output at some other directory never deletes it.
     """
     final_dir = os.path.abspath(os.fspath(final_dir))
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(final_dir) + ".", suffix=".tmp", dir=parent)
+    recover_dir(final_dir)
+    if os.path.exists(final_dir):
+        if not os.path.isdir(final_dir):
+            raise ValueError(f"{final_dir} exists and is not a directory; refusing to replace it")
+        if marker is not None and os.listdir(final_dir) and not os.path.exists(os.path.join(final_dir, marker)):
+            raise ValueError(f"{final_dir} is a non-empty directory without {marker}, so it is not one of ours; "
+                             f"refusing to replace it (choose another path or empty it)")
+    prefix = f".{os.path.basename(final_dir)}.{os.getpid()}."  # the pid lets recover_dir tell dead runs' dirs
+    tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
     try:
         yield tmp
     except BaseException:
@@ -177,7 +234,7 @@ def atomic_dir(final_dir, keep_old=False):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 dirs
     old = None
     if os.path.exists(final_dir):
-        old = tempfile.mkdtemp(prefix="." + os.path.basename(final_dir) + ".", suffix=".old", dir=parent)
+        old = tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=parent)
         os.rmdir(old)
         os.rename(final_dir, old)
     os.rename(tmp, final_dir)

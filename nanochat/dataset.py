@@ -490,7 +490,7 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
     random.Random(1337).shuffle(docs)  # shards (and the validation shard) mix all modules
     bounds = [len(docs) * i // num_shards for i in range(num_shards + 1)]
     shards = []
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir, marker="manifest.json") as tmp:
         for i in range(num_shards):
             part = docs[bounds[i]:bounds[i + 1]]
             name = f"shard_{i:05d}.parquet"

@@ -213,15 +213,27 @@ class Engine:
 
     def generate_from_conversation(self, conversation, max_tokens=256, temperature=0.0, top_k=None, seed=42):
         """
-        Answer the conversation's last user turn; returns the assistant's text. Retrieval messages in the
-        conversation are rendered as context (and trimmed, lowest-ranked first, to leave room for max_tokens).
+        Answer the conversation's last user turn; returns the assistant's text (prompt budget: prepare_prompt).
+        A question that does not fit even without documents raises tokenizer.ConversationTooLong (a ValueError).
         """
-        seq_len = self.model.config.sequence_len
-        max_tokens = max(1, min(max_tokens, seq_len // 2))
-        prompt = self.tokenizer.render_for_completion(conversation, max_tokens=seq_len - max_tokens)
+        prompt, max_tokens = self.prepare_prompt(conversation, max_tokens)
         results, _ = self.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
                                          top_k=top_k, seed=seed)
         return self.decode_answer(results[0])
+
+    def prepare_prompt(self, conversation, max_tokens):
+        """
+        (prompt ids, tokens the answer may have), for generate_from_conversation and chat_cli's streaming.
+        The answer is guaranteed min(max_tokens, seq_len // 4) tokens: retrieved documents (lowest-ranked first)
+        are dropped only to make that room, so a generous max_tokens does not throw away the documents the
+        answer needs; beyond it the answer gets whatever the prompt leaves, up to max_tokens.
+        """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        seq_len = self.model.config.sequence_len
+        reserve = max(1, min(max_tokens, seq_len // 4))
+        prompt = self.tokenizer.render_for_completion(conversation, max_tokens=seq_len - reserve)
+        return prompt, min(max_tokens, seq_len - len(prompt))
 
     def decode_answer(self, ids):
         """Assistant tokens -> text, leaving out forced document blocks (they are context, not the answer)."""

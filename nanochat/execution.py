@@ -35,6 +35,8 @@ class CalculatorError(ValueError):
 
 
 def _check_number(x):
+    if isinstance(x, complex):  # (-8) ** 0.5 is complex in Python: not a calculator answer
+        raise CalculatorError("complex result")
     if isinstance(x, bool):
         raise CalculatorError("booleans are not supported")
     if isinstance(x, int) and abs(x).bit_length() > MAX_RESULT_DIGITS * 3.33:

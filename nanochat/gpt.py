@@ -148,8 +148,9 @@ class CausalSelfAttention(nn.Module):
             # write this chunk's keys/values at [pos, pos+T) and attend over everything cached so far
             layer_cache.k[:, :, pos:pos + T] = k
             layer_cache.v[:, :, pos:pos + T] = v
-            k_all = layer_cache.k[:, :, :pos + T]
-            v_all = layer_cache.v[:, :, :pos + T]
+            # the cache may be bf16 while q is fp32 (CUDA without autocast): SDPA needs one dtype
+            k_all = layer_cache.k[:, :, :pos + T].to(q.dtype)
+            v_all = layer_cache.v[:, :, :pos + T].to(q.dtype)
             if T == 1:
                 y = decode_attention(q, k_all, v_all)
             elif pos == 0:
@@ -296,20 +297,26 @@ class GPT(nn.Module):
         from nanochat.muon import Muon
         cfg = self.config
         matrix_params, mamba_other = [], []
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
             for name, p in block.named_parameters():
                 if p.ndim == 2:
                     matrix_params.append(p)
-                else:
-                    assert block.kind == "M", f"unexpected non-matrix parameter {name} in a T block"
+                elif block.kind == "M":
                     mamba_other.append(p)
+                else:
+                    raise RuntimeError(f"setup_optimizers: unexpected {p.ndim}-D parameter transformer.h.{i}.{name} "
+                                       f"in a T block (only 2-D matrices are expected there)")
         embedding_params = list(self.transformer.wte.parameters())
         lm_head_params = list(self.lm_head.parameters())
         groups = [matrix_params, mamba_other, embedding_params, lm_head_params]
+        names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
         ids = [id(p) for g in groups for p in g]
-        all_ids = {id(p) for p in self.parameters()}
-        assert len(ids) == len(set(ids)), "a parameter was assigned to two optimizer groups"
-        assert set(ids) == all_ids, f"{len(all_ids - set(ids))} parameters were not assigned to an optimizer group"
+        twice = sorted({names[i] for i in ids if ids.count(i) > 1})
+        if twice:
+            raise RuntimeError(f"setup_optimizers: parameters in two optimizer groups: {twice}")
+        missing = sorted(n for n, p in self.named_parameters() if id(p) not in set(ids))
+        if missing:
+            raise RuntimeError(f"setup_optimizers: {len(missing)} parameters in no optimizer group: {missing}")
         # AdamW learning rates scale as 1/sqrt(width) relative to a 768-wide model (nanochat's convention)
         dmodel_lr_scale = (cfg.n_embd / 768) ** -0.5
         mamba_lr = unembedding_lr * 10 if mamba_lr is None else mamba_lr

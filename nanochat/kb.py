@@ -17,8 +17,9 @@ import sys
 import json
 import time
 
-from nanochat.common import print0
-from nanochat.retrieval import DEFAULT_DENSE_MODEL, RETRIEVER_TYPES, Document, doc_hash, load_retriever, make_retriever
+from nanochat.common import print0, dual
+from nanochat.retrieval import (DEFAULT_DENSE_MODEL, RETRIEVER_TYPES, Document, doc_hash, load_retriever, make_retriever,
+                                read_kb_meta)
 
 
 
@@ -77,14 +78,18 @@ def read_documents(paths, skip_bad=False, chunk_size=None, chunk_overlap=0, exis
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"document file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(tqdm(f, desc=os.path.basename(path), unit=" lines", disable=not show_progress,
-                                               mininterval=1.0), 1):
-                if not line.strip():
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, named like the others
+            for lineno, raw in enumerate(tqdm(f, desc=os.path.basename(path), unit=" lines", disable=not show_progress,
+                                              mininterval=1.0), 1):
+                if not raw.strip():
                     continue
                 stats["lines"] += 1
                 where = f"{path}:{lineno}"
                 try:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
@@ -116,7 +121,7 @@ def read_documents(paths, skip_bad=False, chunk_size=None, chunk_overlap=0, exis
     return docs, stats
 
 
-def build_knowledge_base(document_paths, output, retriever_type="bm25", model_name=None, index_type="flat",
+def build_knowledge_base(document_paths, output, retriever_type="bm25", model_name=None, index_type=None,
                          chunk_size=None, chunk_overlap=0, append=False, skip_bad=False, batch_size=64,
                          show_progress=True):
     """Read, chunk, dedup, index and save a KB directory atomically (see the CLI below). Returns a summary."""
@@ -124,12 +129,22 @@ def build_knowledge_base(document_paths, output, retriever_type="bm25", model_na
     if retriever_type not in RETRIEVER_TYPES:
         raise ValueError(f"unknown retriever type {retriever_type!r}; choose from {list(RETRIEVER_TYPES)}")
     dense = retriever_type in ("dense", "hybrid")
+    previous_builds = []
     if append:
         if not os.path.exists(os.path.join(output, "kb.json")):
             raise FileNotFoundError(f"--append: {output} is not a knowledge base (no kb.json); build it first")
+        meta = read_kb_meta(output)
+        stored_index = (meta.get("config") or {}).get("index_type")
+        if dense and index_type is not None and stored_index is not None and index_type != stored_index:
+            raise ValueError(f"--append: {output} has a {stored_index!r} index but --index {index_type} was given "
+                             f"(appending keeps the KB's index; rebuild without --append to change it)")
+        ba = meta.get("build_args") or {}
+        previous_builds = list(ba.get("previous_builds") or []) + [{k: v for k, v in ba.items() if k != "previous_builds"}]
         retriever = load_retriever(output, retriever_type=retriever_type, model_name=model_name,
                                    **({"batch_size": batch_size} if dense else {}))
+        index_type = stored_index
     else:
+        index_type = index_type or "flat"
         kwargs = {"model_name": model_name or DEFAULT_DENSE_MODEL, "index_type": index_type,
                   "batch_size": batch_size} if dense else {}
         retriever = make_retriever(retriever_type, **kwargs)
@@ -143,6 +158,8 @@ def build_knowledge_base(document_paths, output, retriever_type="bm25", model_na
     build_args = {"documents": [os.path.abspath(p) for p in document_paths], "type": retriever_type,
                   "model": model_name, "index": index_type, "chunk_size": chunk_size, "chunk_overlap": chunk_overlap,
                   "append": append, "skip_bad": skip_bad}
+    if previous_builds:  # an appended KB remembers every build that went into it
+        build_args["previous_builds"] = previous_builds
     retriever.save(output, build_args=build_args)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(output) for f in fs)
     return {**stats, "previous_chunks": old, "total_chunks": len(retriever), "seconds": time.time() - t0,
@@ -151,17 +168,27 @@ def build_knowledge_base(document_paths, output, retriever_type="bm25", model_na
 
 def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(description="Build (or --append to) a knowledge base directory")
-    parser.add_argument("--documents", nargs="+", required=True, help="JSONL files: ours, BEIR corpus.jsonl or FlashRAG")
-    parser.add_argument("--output", required=True, help="KB directory (replaced atomically)")
-    parser.add_argument("--type", default="bm25", choices=RETRIEVER_TYPES)
-    parser.add_argument("--model", default=None, help=f"sentence-transformers name or path (default {DEFAULT_DENSE_MODEL})")
-    parser.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"), help="FAISS index (dense/hybrid)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="chunk documents into N-word windows (default: off)")
-    parser.add_argument("--chunk-overlap", type=int, default=0, help="words shared by consecutive chunks")
+    parser = argparse.ArgumentParser(
+        description="Build (or --append to) a knowledge base directory: documents.jsonl + the retriever's index + "
+                    "kb.json, written to a temp dir and renamed into place. Flags also accept underscores "
+                    "(--chunk_size).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--documents", nargs="+", required=True,
+                        help="JSONL files, one document per line: ours {id?, title?, content|text, metadata?}, "
+                             "BEIR corpus.jsonl {_id, title, text} or FlashRAG {id, contents}")
+    parser.add_argument("--output", required=True,
+                        help="KB directory; an existing KB there is replaced atomically (a non-empty directory "
+                             "without kb.json is refused)")
+    parser.add_argument("--type", default="bm25", choices=RETRIEVER_TYPES,
+                        help="simple (TF-IDF), bm25, dense (sentence-transformers + FAISS) or hybrid (bm25 + dense, RRF)")
+    parser.add_argument("--model", default=None, help=f"dense/hybrid: sentence-transformers name or path "
+                                                      f"(None means {DEFAULT_DENSE_MODEL})")
+    parser.add_argument("--index", default=None, choices=("flat", "ivf", "hnsw"),
+                        help="dense/hybrid FAISS index: flat (exact), ivf or hnsw (None: flat, or the KB's own with --append)")
+    parser.add_argument(*dual("chunk-size"), type=int, default=None, help="chunk documents into N-word windows (None: off)")
+    parser.add_argument(*dual("chunk-overlap"), type=int, default=0, help="words shared by consecutive chunks")
     parser.add_argument("--append", action="store_true", help="add to an existing KB without re-encoding it")
-    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) bad lines instead of stopping")
-    parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (dense/hybrid)")
+    parser.add_argument(*dual("skip-bad"), action="store_true", help="skip (and count) bad lines instead of stopping")
+    parser.add_argument(*dual("batch-size"), type=int, default=64, help="encoder batch size (dense/hybrid)")
     args = parser.parse_args(argv)
     try:
         s = build_knowledge_base(args.documents, args.output, args.type, args.model, args.index, args.chunk_size,

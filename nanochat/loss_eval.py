@@ -23,8 +23,11 @@ def evaluate_bpb(model, batches, steps, token_bytes, autocast_ctx=None):
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.float64, device=device)
     token_bytes = token_bytes.to(device)
+    from tqdm import tqdm
+    from nanochat.common import get_dist_info
     it = iter(batches)
-    for _ in range(steps):
+    # a progress bar only when an evaluation takes more than 2 s (big GPU evals), on rank 0
+    for _ in tqdm(range(steps), desc="val bpb", delay=2.0, mininterval=2.0, leave=False, disable=get_dist_info()[1] != 0):
         x, y = next(it)[:2]
         with autocast_ctx:
             loss2d = model(x, y, loss_reduction="none").view(-1)

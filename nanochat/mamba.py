@@ -298,8 +298,30 @@ def _scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=No
                                         initial_states=initial_state, dt_softplus=True,
                                         return_final_states=initial_state is not None, **kwargs)
         return out if initial_state is not None else (out, None)
+    if _recompute_scan(x):
+        # the chunk matrices (several (Q, Q) per head and chunk, fp32) dominate training memory: keep only the
+        # scan's inputs and recompute the rest in backward (measured: the torch path OOMed at batch 16 x 2048 on
+        # an 80 GB H100 without this, benchmarks/RESULTS.md)
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(_discretized_scan, x, dt_raw, A, B, C, D, dt_bias, tuple(dt_limit), chunk_size,
+                          initial_state, use_reentrant=False)
+    return _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state)
+
+
+def _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state):
     dt = _discretize_dt(dt_raw, dt_bias, dt_limit, _compute_dtype(x.dtype))
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+
+
+def _recompute_scan(x):
+    """NANOCHAT_MAMBA_RECOMPUTE=auto|0|1: recompute the torch scan's intermediates in backward instead of
+    storing them. auto = on for CUDA tensors (where memory binds), off on CPU. Only when gradients flow."""
+    mode = os.environ.get("NANOCHAT_MAMBA_RECOMPUTE", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"NANOCHAT_MAMBA_RECOMPUTE={mode!r}: expected auto, 0 or 1")
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return mode == "1" or (mode == "auto" and x.is_cuda)
 
 
 @torch.compiler.disable

@@ -24,19 +24,29 @@ from nanochat.retrieval import tokenize, insert_retrieval_message
 
 
 def as_doc_dict(doc):
-    """A Document, a (Document, score) pair or a dict -> {"id", "title", "content"} (+ "score" when known)."""
+    """A Document, a (Document, score) pair or a dict -> {"id", "title", "content"} (+ "score" when known, +
+    "parent_id" for a chunk of a longer document)."""
     score = None
     if isinstance(doc, tuple) and len(doc) == 2:
         doc, score = doc
     if not isinstance(doc, dict):
-        doc = {"id": doc.id, "title": doc.title, "content": doc.content}
+        parent = doc.metadata.get("parent_id", doc.id)
+        doc = {"id": doc.id, "title": doc.title, "content": doc.content,
+               **({"parent_id": parent} if parent != doc.id else {})}
     if not isinstance(doc.get("content"), str):
         raise ValueError(f"a document needs a string 'content', got {str(doc)[:100]!r}")
     out = {"id": str(doc.get("id", "")), "title": doc.get("title") or "", "content": doc["content"]}
+    if doc.get("parent_id") is not None and str(doc["parent_id"]) != out["id"]:
+        out["parent_id"] = str(doc["parent_id"])
     score = doc.get("score", score)
     if score is not None:
         out["score"] = float(score)
     return out
+
+
+def doc_key(doc):
+    """The id a gold_doc_ids list names: a chunk ("doc#3") answers for its parent document ("doc")."""
+    return str(doc.get("parent_id") or doc.get("id", ""))
 
 
 def _format_doc(number, doc, max_chars):
@@ -208,9 +218,9 @@ def citation_correctness(cited, documents, gold_doc_ids):
     (citing a document that is not there is a fabrication). Nothing cited: 0.0 when a gold document is among
     the documents (it should have been cited), 1.0 when none is (nothing to cite).
     """
-    gold = set(gold_doc_ids)
+    gold = {str(g) for g in gold_doc_ids}
     docs = [as_doc_dict(d) for d in documents]
-    gold_numbers = {i for i, d in enumerate(docs, start=1) if d["id"] in gold}
+    gold_numbers = {i for i, d in enumerate(docs, start=1) if doc_key(d) in gold}
     if not cited:
         return 0.0 if gold_numbers else 1.0
     if any(not 1 <= n <= len(docs) for n in cited):

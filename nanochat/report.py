@@ -61,13 +61,28 @@ def log_step(stage, record):
         f.write(json.dumps(record) + "\n")
 
 
-def reset_log(stage):
-    """Start a stage's step log afresh (a stage that is re-run does not append to its old curve)."""
+def reset_log(stage, keep_until=None):
+    """Start a stage's step log afresh (a stage that is re-run does not append to its old curve). keep_until: a
+    resumed run keeps the records up to that step (and drops those a crashed run wrote past its checkpoint)."""
     if not _is_master():
         return
     p = os.path.join(report_dir(), "logs", f"{stage}.jsonl")
-    if os.path.exists(p):
+    if not os.path.exists(p):
+        return
+    if keep_until is None:
         os.remove(p)
+        return
+    keep = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+            # the eval at the resume step is recomputed by the resumed run, train steps before it are kept
+            if rec.get("step", 0) < keep_until or (rec.get("step") == keep_until and "val" not in rec):
+                keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(p, "".join(keep))
 
 
 def write_stage(stage, figures, time_s=None, notes=None, markdown=None):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from nanochat.common import atomic_dir
+from nanochat.common import atomic_dir, recover_dir
 
 FORMAT_VERSION = 1
 RETRIEVER_TYPES = ("simple", "bm25", "dense", "hybrid")
@@ -100,8 +100,14 @@ def doc_hash(title, content):
 
 
 def results_to_dicts(results):
-    """[(Document, score)] -> the documents of a retrieval message: [{"id","title","content","score"}]."""
-    return [{"id": d.id, "title": d.title, "content": d.content, "score": float(s)} for d, s in results]
+    """[(Document, score)] -> the documents of a retrieval message: [{"id","title","content","score"}], plus
+    "parent_id" for a chunk (id "doc#i"), so that citations and recall are judged against the parent's id."""
+    out = []
+    for d, s in results:
+        parent = d.metadata.get("parent_id", d.id)
+        out.append({"id": d.id, **({"parent_id": parent} if parent != d.id else {}), "title": d.title,
+                    "content": d.content, "score": float(s)})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -144,12 +150,15 @@ def _column_scores(data, indices, indptr, num_docs, term_ids, term_weights=None)
 
 
 def _top_k(scores, k):
-    """Indices and scores of the k best non-zero entries, best first (ties broken by lower index)."""
-    n = len(scores)
-    cand = np.argpartition(scores, n - k)[n - k:] if k < n else np.arange(n)
-    cand = cand[scores[cand] != 0]
+    """Indices and scores of the k best non-zero entries, best first (ties broken by lower index). Only matching
+    documents (non-zero score) compete, so a negative BM25 score (possible when most query terms are in most
+    documents) still ranks its document instead of losing to the zeros of documents that match nothing."""
+    cand = np.flatnonzero(scores)
+    if k < len(cand):  # keep everything tied with the k-th best, so the lower index wins a tie at the boundary
+        kth = np.partition(scores[cand], len(cand) - k)[len(cand) - k]
+        cand = cand[scores[cand] >= kth]
     vals = scores[cand]
-    order = np.lexsort((cand, -vals))
+    order = np.lexsort((cand, -vals))[:k]
     return cand[order], vals[order].astype(np.float64)
 
 
@@ -198,9 +207,21 @@ class BaseRetriever:
     def _set_documents(self, docs):
         self.documents = docs
         self._id_to_index = {d.id: i for i, d in enumerate(docs)}
+        self._parts_n = None
 
     def get_document(self, doc_id):
         return self.documents[self._id_to_index[doc_id]]
+
+    def get_parts(self, doc_id):
+        """The document with this id, or else every chunk whose parent_id it is (in order); [] if none."""
+        if doc_id in self._id_to_index:
+            return [self.get_document(doc_id)]
+        if getattr(self, "_parts_n", None) != len(self.documents):  # rebuilt lazily after adds
+            self._parts = {}
+            for d in self.documents:
+                self._parts.setdefault(d.metadata.get("parent_id", d.id), []).append(d)
+            self._parts_n = len(self.documents)
+        return list(self._parts.get(doc_id, []))
 
     def retrieve(self, query, top_k=5):
         """[(Document, score)] best first; at most top_k, fewer when fewer documents match."""
@@ -227,7 +248,7 @@ class BaseRetriever:
     # -- persistence: save(dir) writes a complete KB directory atomically; load(dir) checks it thoroughly
 
     def save(self, path, build_args=None):
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker="kb.json") as tmp:
             self._write_kb(tmp, build_args or {})
 
     def _write_kb(self, d, build_args):
@@ -382,7 +403,9 @@ class BM25Retriever(BaseRetriever):
 
     def _load_index(self, d):
         import bm25s
-        _need(d, os.path.join("bm25s", "params.index.json"))
+        for name in ("params.index.json", "vocab.index.json", "data.csc.index.npy", "indices.csc.index.npy",
+                     "indptr.csc.index.npy"):  # what bm25s.BM25.save writes; check first for a clear message
+            _need(d, os.path.join("bm25s", name))
         self.bm25 = bm25s.BM25.load(os.path.join(d, "bm25s"), show_progress=False)
         self.bm25.vocab_dict = {w: int(i) for w, i in self.bm25.vocab_dict.items()}
         self.vocab = dict(self.bm25.vocab_dict)
@@ -469,7 +492,11 @@ class DenseRetriever(BaseRetriever):
     def encode(self, texts, show_progress=False):
         emb = self.encoder.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                   convert_to_numpy=True, show_progress_bar=show_progress)
-        return np.ascontiguousarray(emb, dtype=np.float32)
+        emb = np.ascontiguousarray(emb, dtype=np.float32).reshape(len(texts), -1)
+        if self.dim is not None and emb.shape[1] != self.dim:  # e.g. a local model path that now holds another model
+            raise ValueError(f"encoder {self.model_name!r} gives {emb.shape[1]}-dim embeddings but this index holds "
+                             f"{self.dim}-dim ones (the KB was built with another model; rebuild it)")
+        return emb
 
     def _index_new(self, docs):
         self.add_embeddings(self.encode([d.text for d in docs], show_progress=len(docs) > self.batch_size))
@@ -702,6 +729,8 @@ def _check_rows(d, name, got, expected):
 
 
 def read_kb_meta(path):
+    if not os.path.exists(path):
+        recover_dir(path)  # a build killed between its two renames left the previous KB aside: put it back
     if not os.path.isdir(path):
         raise FileNotFoundError(f"knowledge base directory {path} does not exist")
     kb_json = _need(path, "kb.json")
@@ -747,6 +776,10 @@ def load_retriever(path, retriever_type=None, model_name=None, **kwargs):
     retriever = make_retriever(meta["retriever_type"], **config)
     retriever._set_documents(docs)
     retriever._load_index(path)
+    dim = getattr(retriever, "dim", None)
+    if meta.get("embedding_dim") is not None and dim != meta["embedding_dim"]:
+        raise ValueError(f"knowledge base {path}: embeddings.npy holds {dim}-dim vectors but kb.json says "
+                         f"embedding_dim {meta['embedding_dim']} (rebuild the KB)")
     return retriever
 
 

@@ -79,7 +79,8 @@ from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader, prefetch
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.engine import Engine
-from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint, load_checkpoint, find_last_step, make_meta
+from nanochat.checkpoint_manager import (checkpoint_dir, save_checkpoint, load_checkpoint, find_last_step, make_meta,
+                                        gather_loader_states, loader_state_for_rank)
 from nanochat.report import log_step, write_stage, reset_log
 
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -119,7 +120,7 @@ if args.resume:
     if meta["model_config"] != config.to_dict():
         raise ValueError(f"--resume: the checkpoint in {ckpt_dir} has config {meta['model_config']} but the flags give {config.to_dict()}")
     orig_model.load_state_dict(model_state)
-    loader_state = meta.get("dataloader_state")
+    loader_state = loader_state_for_rank(meta, rank, world_size, f"--resume from {ckpt_dir} step {start_step}")
     loop_state = meta.get("loop_state", {})
     print0(f"resuming from step {start_step}")
 
@@ -171,7 +172,10 @@ if ddp:  # each rank must read different data: compare a checksum of every rank'
     sums = [torch.zeros_like(checksum) for _ in range(world_size)]
     dist.all_gather(sums, checksum)
     sums = [s.item() for s in sums]
-    print0(f"first-batch checksums per rank: {sums} ({'all different' if len(set(sums)) == world_size else 'DUPLICATES'})")
+    print0(f"first-batch checksums per rank: {sums}")
+    if len(set(sums)) != world_size:  # every rank gets the same sums, so all of them stop here together
+        raise RuntimeError(f"ranks read identical first batches (checksums {sums}): the data is not being split "
+                           f"across processes")
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
 
 
@@ -196,8 +200,8 @@ def sample_prompts():
 # -----------------------------------------------------------------------------
 # training loop
 
-if master and start_step == 0:
-    reset_log("base_train")
+if master:  # a fresh run starts its curve anew; a resumed one drops what a crash logged past its checkpoint
+    reset_log("base_train", keep_until=start_step or None)
 smooth_loss = loop_state.get("smooth_loss", 0.0)
 total_train_time = loop_state.get("total_train_time", 0.0)
 val_bpb = loop_state.get("val_bpb")
@@ -222,8 +226,8 @@ while True:
 
     if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
         loop = dict(smooth_loss=smooth_loss, total_train_time=total_train_time, val_bpb=val_bpb, min_val_bpb=min_val_bpb)
-        meta = make_meta(orig_model, tokenizer, step, user_config=vars(args), dataloader_state=consumed_state,
-                         loop_state=loop, val_bpb=val_bpb)
+        meta = make_meta(orig_model, tokenizer, step, user_config=vars(args),
+                         dataloader_states=gather_loader_states(consumed_state), loop_state=loop, val_bpb=val_bpb)
         save_checkpoint(ckpt_dir, step, orig_model.state_dict(), [o.state_dict() for o in optimizers], meta, rank=rank)
 
     if last_step:

@@ -18,18 +18,20 @@ from nanochat.common import compute_init, dual, get_autocast_ctx
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Chat with a nanochat-rag model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rag", "refrag"])
-    parser.add_argument(*dual("model-tag"), type=str, default=None)
-    parser.add_argument("--step", type=int, default=None)
+    parser = argparse.ArgumentParser(description="Chat with a nanochat-rag model (interactive, or one question with -p).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rag", "refrag"],
+                        help="which checkpoints to load ($NANOCHAT_BASE_DIR/<source>_checkpoints)")
+    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag, e.g. d20 (None: the newest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (None: the last)")
     parser.add_argument("-p", "--prompt", type=str, default=None, help="answer this one question and exit")
     parser.add_argument(*dual("knowledge-base"), type=str, default=None, help="KB directory to retrieve from (python -m nanochat.retrieval)")
-    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (default: the KB's own)")
+    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own)")
     parser.add_argument(*dual("top-k"), type=int, default=3, help="documents retrieved per question")
-    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument(*dual("sample-top-k"), type=int, default=50, help="sample among the k most likely tokens")
     parser.add_argument(*dual("max-tokens"), type=int, default=256, help="most tokens per answer")
-    parser.add_argument(*dual("device-type"), type=str, default="")
+    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     args = parser.parse_args()
 
     from nanochat.checkpoint_manager import load_model
@@ -53,9 +55,7 @@ def main():
         if manager is not None:
             conv = manager.augment_conversation(conversation, top_k=args.top_k, insert_position="before_user")
             docs = next(m for m in conv["messages"] if m["role"] == "retrieval")["documents"]
-        seq_len = model.config.sequence_len
-        max_tokens = max(1, min(args.max_tokens, seq_len // 2))
-        prompt = tokenizer.render_for_completion(conv, max_tokens=seq_len - max_tokens)
+        prompt, max_tokens = engine.prepare_prompt(conv, args.max_tokens)
         out, printed = [], ""
         with autocast_ctx:
             for col, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=args.temperature,

@@ -38,13 +38,15 @@ def load_task(name):
 
 
 @torch.no_grad()
-def run_categorical(model, tokenizer, task, indices, autocast_ctx, batch_size=8):
-    """Fraction correct: argmax over the letters' logits at the position after <|assistant_start|>."""
+def run_categorical(model, tokenizer, task, indices, autocast_ctx, batch_size=8, progress=False, desc=None):
+    """Number correct: argmax over the letters' logits at the position after <|assistant_start|>."""
+    from tqdm import tqdm
     device = model.get_device()
+    seq_len = model.config.sequence_len
     correct = 0
-    for start in range(0, len(indices), batch_size):
+    for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not progress, mininterval=2.0):
         convs = [task[i] for i in indices[start:start + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        prompts = [tokenizer.render_for_completion(c, max_tokens=seq_len) for c in convs]
         max_len = max(len(p) for p in prompts)
         pad = tokenizer.get_bos_token_id()
         ids = torch.tensor([p + [pad] * (max_len - len(p)) for p in prompts], dtype=torch.long, device=device)
@@ -59,9 +61,11 @@ def run_categorical(model, tokenizer, task, indices, autocast_ctx, batch_size=8)
     return correct
 
 
-def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperature, top_k):
+def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperature, top_k, progress=False, desc=None):
+    """Number correct (task.evaluate of the Engine's answer; fractional scores add up)."""
+    from tqdm import tqdm
     correct = 0
-    for i in indices:
+    for i in tqdm(indices, desc=desc, disable=not progress, mininterval=2.0):
         conv = task[i]
         with autocast_ctx:
             answer = engine.generate_from_conversation(conv, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
@@ -70,18 +74,24 @@ def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperat
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Evaluate a chat model on tasks.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rag", "refrag"])
-    parser.add_argument(*dual("model-tag"), type=str, default=None)
-    parser.add_argument("--step", type=int, default=None)
+    parser = argparse.ArgumentParser(description="Evaluate a chat model on tasks (accuracy per task).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rag", "refrag"],
+                        help="which checkpoints to load ($NANOCHAT_BASE_DIR/<source>_checkpoints)")
+    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag, e.g. d20 (None: the newest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (None: the last)")
     parser.add_argument("-a", "--tasks", type=str, default="StdlibQA", help=f"comma-separated: {', '.join(TASK_NAMES)}")
-    parser.add_argument(*dual("max-problems"), type=int, default=None, help="evaluate at most this many examples per task")
-    parser.add_argument(*dual("max-new-tokens"), type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument(*dual("top-k"), type=int, default=50)
-    parser.add_argument(*dual("batch-size"), type=int, default=8, help="batch size for categorical tasks")
-    parser.add_argument(*dual("device-type"), type=str, default="")
+    parser.add_argument(*dual("max-problems"), type=int, default=None, help="at most this many examples per task (None: all)")
+    parser.add_argument(*dual("max-new-tokens"), type=int, default=256, help="most tokens per generated answer")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (generative tasks)")
+    parser.add_argument(*dual("top-k"), type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument(*dual("batch-size"), type=int, default=8, help="rows per forward for categorical tasks")
+    parser.add_argument(*dual("hf-local"), type=str, default=None,
+                        help="a local mirror of the HF hub datasets: DIR/<repo_id>/<file> is read instead of downloading")
+    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     args = parser.parse_args()
+    from tasks.hf import use_hf_local
+    use_hf_local(args.hf_local)
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
@@ -99,9 +109,10 @@ def main():
         indices = list(range(rank, n, world_size))
         t1 = time.time()
         if task.eval_type == "categorical":
-            correct = run_categorical(model, tokenizer, task, indices, autocast_ctx, args.batch_size)
+            correct = run_categorical(model, tokenizer, task, indices, autocast_ctx, args.batch_size, rank == 0, name)
         else:
-            correct = run_generative(engine, task, indices, autocast_ctx, args.max_new_tokens, args.temperature, args.top_k)
+            correct = run_generative(engine, task, indices, autocast_ctx, args.max_new_tokens, args.temperature,
+                                     args.top_k, rank == 0, name)
         counts = torch.tensor([float(correct), float(len(indices))], dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(counts)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, lr_multiplier,
+from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, lr_multiplier, get_dist_info,
                              synchronize, get_peak_flops, repo_dir)
 
 
@@ -36,18 +36,20 @@ def build_parser(description, default_source="base", default_data="builtin"):
     # which model to start from
     parser.add_argument("--source", type=str, default=default_source, choices=["base", "mid", "sft", "rag", "refrag"],
                         help="checkpoint stage to fine-tune")
-    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag to load (default: newest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: last)")
+    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag to load (None: the newest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (None: the last)")
     parser.add_argument(*dual("block-pattern"), type=str, default=None,
                         help="expected block pattern (e.g. TTMM); a checkpoint with another pattern is refused")
-    parser.add_argument(*dual("output-tag"), type=str, default=None, help="model tag to save under (default: the loaded tag)")
+    parser.add_argument(*dual("output-tag"), type=str, default=None, help="model tag to save under (None: the loaded tag)")
     # data
     parser.add_argument("--data", type=str, default=default_data, help="builtin (stdlib docs, offline) | smoltalk (HF hub) | none")
     parser.add_argument(*dual("custom-json"), type=str, action="append", default=[],
                         help="extra JSONL file(s) of {'messages': [...]} conversations (repeatable)")
+    parser.add_argument(*dual("hf-local"), type=str, default=None,
+                        help="a local mirror of the HF hub datasets: DIR/<repo_id>/<file> is read instead of downloading")
     # optimization
     parser.add_argument(*dual("device-batch-size"), type=int, default=4, help="rows per forward pass per process")
-    parser.add_argument(*dual("max-seq-len"), type=int, default=-1, help="row length (default: the model's sequence_len)")
+    parser.add_argument(*dual("max-seq-len"), type=int, default=-1, help="row length (-1: the model's sequence_len)")
     parser.add_argument(*dual("grad-accum-steps"), type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument(*dual("num-epochs"), type=float, default=1.0, help="passes over the training conversations")
     parser.add_argument(*dual("num-iterations"), type=int, default=-1, help="explicit number of steps (overrides --num-epochs)")
@@ -62,11 +64,11 @@ def build_parser(description, default_source="base", default_data="builtin"):
     # eval / saving
     parser.add_argument(*dual("eval-every"), type=int, default=100, help="val loss every N steps (and at the end)")
     parser.add_argument(*dual("eval-steps"), type=int, default=20, help="val batches per evaluation")
-    parser.add_argument(*dual("save-every"), type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    parser.add_argument(*dual("save-every"), type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
     parser.add_argument(*dual("log-every"), type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint of the output tag")
-    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--compile", type=int, default=-1, help="torch.compile (1/0; default on for CUDA)")
+    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
+    parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 or 0 (-1: on for CUDA)")
     parser.add_argument("--seed", type=int, default=42)
     return parser
 
@@ -164,7 +166,10 @@ def count_sft_steps(task, tokenizer, B, T, rank, world_size, seed, grad_accum_st
     cpu = torch.device("cpu")
     total_rows = 0
     whole = math.ceil(num_epochs)
-    for x, _, _ in sft_batches(task, tokenizer, B, T, cpu, rank, world_size, seed, max_epochs=whole):
+    from tqdm import tqdm
+    batches = sft_batches(task, tokenizer, B, T, cpu, rank, world_size, seed, max_epochs=whole)
+    # tokenizing a big mixture (smoltalk: ~0.5M conversations) takes a while: show it when it does
+    for x, _, _ in tqdm(batches, desc="counting SFT steps", unit=" batches", delay=2.0, mininterval=2.0, disable=rank != 0):
         total_rows += x.size(0)
     steps = math.ceil(total_rows * (num_epochs / whole) / (B * grad_accum_steps))
     if dist.is_available() and dist.is_initialized():
@@ -182,7 +187,8 @@ def evaluate_loss(model, batches, steps, autocast_ctx):
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(steps):
+    from tqdm import tqdm
+    for _ in tqdm(range(steps), desc="val loss", delay=2.0, mininterval=2.0, leave=False, disable=get_dist_info()[1] != 0):
         try:
             x, y, _ = next(batches)
         except StopIteration:
@@ -206,7 +212,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
     Returns a dict of key figures (also written to the report as `stage`).
     """
     from nanochat.checkpoint_manager import (load_model, checkpoint_dir, save_checkpoint, load_checkpoint,
-                                             find_last_step, make_meta)
+                                             find_last_step, make_meta, gather_loader_states, loader_state_for_rank)
     from nanochat.report import log_step, write_stage, reset_log
     from nanochat.dataloader import prefetch
 
@@ -229,7 +235,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
         start_step = find_last_step(ckpt_dir)
         model_state, optim_state, meta_r = load_checkpoint(ckpt_dir, start_step, device, load_optimizer=True)
         orig_model.load_state_dict(model_state)
-        loader_state = meta_r.get("dataloader_state")
+        loader_state = loader_state_for_rank(meta_r, rank, world_size, f"--resume from {ckpt_dir} step {start_step}")
         print0(f"resuming {stage} from step {start_step}")
 
     use_compile = args.compile if args.compile != -1 else int(device_type == "cuda")
@@ -268,8 +274,8 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
     flops_per_token = orig_model.estimate_flops()
     peak = get_peak_flops(device_type)
 
-    if master and start_step == 0:
-        reset_log(stage)
+    if master:  # a fresh run starts its curve anew; a resumed one drops what a crash logged past its checkpoint
+        reset_log(stage, keep_until=start_step or None)
     step = start_step
     val_loss = first_val = None
     train_loss_f = float("nan")
@@ -285,7 +291,8 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
             log_step(stage, dict(step=step, val=val_loss, val_name="val loss"))
             orig_model.train()
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            meta = make_meta(orig_model, tokenizer, step, user_config=vars(args), dataloader_state=consumed_state,
+            meta = make_meta(orig_model, tokenizer, step, user_config=vars(args),
+                             dataloader_states=gather_loader_states(consumed_state),
                              model_tag=out_tag, val_loss=val_loss, stage=stage,
                              parent=dict(source=args.source, model_tag=meta_in["model_tag"], step=meta_in.get("step")))
             save_checkpoint(ckpt_dir, step, orig_model.state_dict(), [o.state_dict() for o in optimizers], meta, rank=rank)
@@ -382,5 +389,7 @@ def build_sft_tasks(args):
 
 if __name__ == "__main__":
     args = build_parser("Supervised fine-tuning of a base model on conversations.").parse_args()
+    from tasks.hf import use_hf_local
+    use_hf_local(args.hf_local)
     train_task, val_task = build_sft_tasks(args)
     run_sft(args, train_task, val_task, out_source="sft", stage="sft")

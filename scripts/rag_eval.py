@@ -32,8 +32,8 @@ def build_parser():
     parser.add_argument("--source", type=str, default="rag", choices=["base", "mid", "sft", "rag", "refrag"])
     parser.add_argument(*dual("model-tag"), type=str, default=None)
     parser.add_argument("--step", type=int, default=None)
-    parser.add_argument(*dual("knowledge-base"), type=str, default=None, help="KB directory (default: the built-in stdlib KB)")
-    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="default: the KB's own type")
+    parser.add_argument(*dual("knowledge-base"), type=str, default=None, help="KB directory (None: the built-in stdlib KB)")
+    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own type)")
     parser.add_argument(*dual("top-k"), type=int, default=3)
     parser.add_argument(*dual("eval-data"), type=str, default="builtin",
                         help="builtin (held-out stdlib modules) | squad | hotpotqa | pubmedqa:DIR | a QA JSONL file")
@@ -41,9 +41,11 @@ def build_parser():
     parser.add_argument(*dual("max-new-tokens"), type=int, default=64)
     parser.add_argument("--modes", type=str, default="closed_book,rag", help="comma-separated subset of closed_book,rag")
     parser.add_argument(*dual("retrieval-only"), action="store_true", help="only the retrieval metrics (no model)")
-    parser.add_argument("--output", type=str, default=None, help="path prefix for .json/.md (default report/rag_eval_results)")
+    parser.add_argument("--output", type=str, default=None, help="path prefix for .json/.md (None: $NANOCHAT_BASE_DIR/report/rag_eval_results)")
     parser.add_argument(*dual("show-examples"), type=int, default=3, help="print this many example answers per mode")
-    parser.add_argument(*dual("device-type"), type=str, default="")
+    parser.add_argument(*dual("hf-local"), type=str, default=None,
+                        help="a local mirror of the HF hub datasets: DIR/<repo_id>/<file> is read instead of downloading")
+    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     return parser
 
 
@@ -71,6 +73,31 @@ def retrieval_metrics(retrieved_ids, gold, k):
                 ndcg=compute_ndcg(retrieved_ids, {g: 1 for g in gold}, k), mrr=compute_mrr(retrieved_ids, gold, k))
 
 
+def format_tables(summary, modes):
+    """Markdown: the run's facts, closed-book and RAG side by side (with the difference), retrieval metrics."""
+    facts = [k for k in ("n", "checkpoint", "knowledge_base", "retriever", "top_k", "eval_data") if k in summary]
+    lines = ["| run | |", "|---|---|"] + [f"| {k} | {summary[k]} |" for k in facts]
+    names = [("em", "exact match (%)"), ("f1", "token F1 (%)"), ("contains", "answer contained (%)"),
+             ("hallucination_rate", "hallucination rate (%)"), ("citation_accuracy", "citation accuracy (%)")]
+    if any(f"{m}_em" in summary for m in modes):
+        head = [{"closed_book": "closed-book", "rag": f"RAG (top {summary['top_k']})"}[m] for m in modes]
+        both = len(modes) == 2
+        lines += ["", "| metric | " + " | ".join(head) + (" | RAG - closed-book |" if both else " |"),
+                  "|---|" + "---|" * (len(modes) + both)]
+        for key, name in names:
+            vals = [summary.get(f"{m}_{key}") for m in modes]
+            if all(v is None for v in vals):
+                continue
+            cells = ["-" if v is None else f"{v:.2f}" for v in vals]
+            if both:
+                cells.append("-" if None in vals else f"{vals[1] - vals[0]:+.2f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ret = [k for k in summary if k.startswith("retrieval_")]
+    if ret:
+        lines += ["", "| retrieval (gold documents) | % |", "|---|---|"] + [f"| {k[len('retrieval_'):]} | {summary[k]:.2f} |" for k in ret]
+    return "\n".join(lines)
+
+
 def mean(rows, key):
     vals = [r[key] for r in rows if r.get(key) is not None]
     return sum(vals) / len(vals) if vals else None
@@ -80,9 +107,12 @@ def mean(rows, key):
 
 def main():
     args = build_parser().parse_args()
+    from tasks.hf import use_hf_local
+    use_hf_local(args.hf_local)
     from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts
     from nanochat.report import write_stage, report_dir
     from scripts.rag_finetune import load_qa, default_kb
+    from nanochat.rag_utils import doc_key
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     autocast_ctx = get_autocast_ctx(device.type)
@@ -112,12 +142,15 @@ def main():
     hits = manager.batch_retrieve([last_user_message(e) for e in examples], args.top_k) if examples else []
     rows = []
     shown = {m: 0 for m in modes}
-    for example, hit in zip(examples, hits):
+    from tqdm import tqdm
+    for example, hit in tqdm(list(zip(examples, hits)), desc="rag_eval", disable=rank != 0 or engine is None,
+                             mininterval=2.0):
         docs = results_to_dicts(hit)
         gold = [str(g) for g in example.get("gold_doc_ids") or []]
         row = dict(id=example.get("id"), question=last_user_message(example), answers=example.get("answers"))
+        row["retrieved"] = [d["id"] for d in docs]
         if gold:
-            row["retrieval"] = retrieval_metrics([d["id"] for d in docs], gold, args.top_k)
+            row["retrieval"] = retrieval_metrics([doc_key(d) for d in docs], gold, args.top_k)  # chunks count as parents
         if engine is not None:
             question_only = {"messages": [m for m in example["messages"] if m["role"] in ("system", "user")]}
             for mode in modes:
@@ -153,8 +186,7 @@ def main():
                 if v is not None:
                     summary[f"{mode}_{name}"] = round(100 * v, 2)
 
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.items()]
-    table = "\n".join(lines)
+    table = format_tables(summary, modes)
     print0(table)
     if rank == 0:
         prefix = args.output or os.path.join(report_dir(), "rag_eval_results")
@@ -165,7 +197,7 @@ def main():
         retrieval_figs.update(questions=len(rows), retriever=manager.retriever_type, top_k=args.top_k)
         write_stage("retrieval_eval", retrieval_figs)
         if engine is not None:
-            write_stage("rag_eval", summary, time_s=time.time() - t0)
+            write_stage("rag_eval", summary, markdown=table, time_s=time.time() - t0)
     compute_cleanup()
 
 

@@ -27,8 +27,8 @@ def build_rag_parser():
     parser = build_parser("RAG fine-tuning: answer from retrieved documents with citations.", default_source="sft",
                           default_data="none")
     parser.add_argument(*dual("knowledge-base"), type=str, default=None,
-                        help="KB directory (python -m nanochat.retrieval); default: the built-in stdlib KB for --train-data builtin")
-    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (default: the KB's own type)")
+                        help="KB directory (python -m nanochat.retrieval); None: the built-in stdlib KB for --train-data builtin")
+    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own type)")
     parser.add_argument(*dual("top-k"), type=int, default=3, help="documents per question")
     parser.add_argument(*dual("train-data"), type=str, default="builtin",
                         help="builtin (stdlib QA, offline) | squad | hotpotqa | pubmedqa:DIR | a QA JSONL file (our QA schema)")
@@ -97,5 +97,7 @@ def build_rag_tasks(args):
 
 if __name__ == "__main__":
     args = build_rag_parser().parse_args()
+    from tasks.hf import use_hf_local
+    use_hf_local(args.hf_local)
     train_task, val_task = build_rag_tasks(args)
     run_sft(args, train_task, val_task, out_source="rag", stage="rag_finetune")

@@ -9,7 +9,8 @@ parquet / jsonl / json files the tasks consume.
 
 Environment: NANOCHAT_HF_ENDPOINT (default https://huggingface.co; tests point it at a local server),
 HF_TOKEN (sent as a bearer token, for gated datasets), HF_HUB_OFFLINE=1 (never touch the network: only the
-cache or a task's local_path= can serve the data).
+cache or a task's local_path= can serve the data), NANOCHAT_HF_LOCAL=DIR (a local mirror: DIR/<repo_id>/<file>
+is used before the cache and the network; the scripts' --hf-local DIR sets it).
 """
 
 import os
@@ -113,8 +114,8 @@ def hf_dataset_file(repo_id, filename, revision="main", cache_dir=None, timeout=
     token = os.environ.get("HF_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    hint = (f"Download it there by hand, or pass local_path= (a copy of the file, or a directory holding "
-            f"{filename}) to the task.")
+    hint = (f"Download it there by hand, or put it at DIR/{repo_id}/{filename} and pass --hf-local DIR to the script "
+            f"(NANOCHAT_HF_LOCAL=DIR), or pass local_path= (the file, or a directory holding {filename}) to the task.")
     return download_url(url, dest, timeout=timeout, retries=retries, backoff=backoff, headers=headers, hint=hint)
 
 
@@ -218,6 +219,15 @@ def read_rows(paths):
     return rows
 
 
+def use_hf_local(path):
+    """What the scripts' --hf-local DIR does: make DIR/<repo_id>/<file> the first place task_files looks
+    (through the environment, so torchrun's other processes and every task see it). None: no change."""
+    if path:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--hf-local: {path} is not a directory (expected DIR/<repo_id>/<file>)")
+        os.environ["NANOCHAT_HF_LOCAL"] = os.path.abspath(path)
+
+
 def task_files(repo_id, filenames, local_path=None, revision="main"):
     """
     The data files of one (subset, split) of a hub dataset, as local paths.
@@ -228,6 +238,11 @@ def task_files(repo_id, filenames, local_path=None, revision="main"):
                                .parquet/.jsonl/.json file directly inside it (sorted)
     """
     if local_path is None:
+        root = os.environ.get("NANOCHAT_HF_LOCAL")
+        if root:  # a local mirror of the hub: DIR/<repo_id>/<filename>
+            mirrored = [os.path.join(root, *repo_id.split("/"), *f.split("/")) for f in filenames]
+            if all(os.path.isfile(p) for p in mirrored):
+                return mirrored
         return [hf_dataset_file(repo_id, f, revision=revision) for f in filenames]
     if isinstance(local_path, (list, tuple)):
         paths = [os.fspath(p) for p in local_path]

@@ -10,7 +10,8 @@ tokenizer.render_conversation (documents are masked out of the loss there) and f
     multi = MultiHopRAGTask(task, "kb/", "bm25", top_k_per_hop=3, num_hops=2)
 
 Citations: when an example has gold_doc_ids (the QA schema) and cite=True, the assistant's answer gets " [i]"
-for the position(s) of the gold document(s) among the retrieved ones. RAFT (Zhang et al., 2024) for training:
+for the position(s) of the gold document(s) among the retrieved ones (a chunk "doc#i" of a chunked KB counts as
+its parent document "doc"). RAFT (Zhang et al., 2024) for training:
 raft=True makes sure the gold document is there (swapped in at a random position when retrieval missed it),
 except with probability p_no_gold, where it is removed and the target becomes NO_ANSWER. Every random choice is
 a pure function of (seed, index).
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from tasks.common import Task, NO_ANSWER, validate_conversation, exact_match, strip_citations, assistant_text
 from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts, last_user_message
-from nanochat.rag_utils import add_citations, as_doc_dict, extract_citations_from_response
+from nanochat.rag_utils import add_citations, as_doc_dict, doc_key, extract_citations_from_response
 
 # -----------------------------------------------------------------------------
 # helpers shared by the tasks
@@ -44,7 +45,7 @@ def cite_gold(conversation, documents, cite=True):
     msg = _last_assistant(conversation)
     if not cite or not gold or msg is None:
         return conversation
-    positions = [i for i, d in enumerate(documents, start=1) if d["id"] in gold]
+    positions = [i for i, d in enumerate(documents, start=1) if doc_key(d) in gold]
     content = msg["content"]
     text = content if isinstance(content, str) else assistant_text(msg)
     if positions and not extract_citations_from_response(text):
@@ -125,16 +126,18 @@ class RAGTask(Task):
         return self._cache[index]
 
     def _gold_document(self, example, gold):
-        """A gold document's text: from the example's own documents, else from the KB."""
+        """A gold document's text: from the example's own documents, else from the KB (of a chunked gold
+        document, the chunk that contains an answer, else its first chunk)."""
         for d in example.get("documents") or []:
-            if str(d.get("id")) in gold:
+            if doc_key(as_doc_dict(d)) in gold:
                 return {**as_doc_dict(d), "score": 0.0}
         kb = getattr(self.retriever, "retriever", self.retriever)
-        for g in gold:
-            try:
-                return {**as_doc_dict(kb.get_document(g)), "score": 0.0}
-            except (KeyError, AttributeError):
-                continue
+        answers = [a.lower() for a in example.get("answers") or [] if isinstance(a, str) and a.strip()]
+        for g in sorted(gold):
+            parts = kb.get_parts(g) if hasattr(kb, "get_parts") else []
+            if parts:
+                best = next((p for p in parts if any(a in p.content.lower() for a in answers)), parts[0])
+                return {**as_doc_dict(best), "score": 0.0}
         return None
 
     def get_example(self, index):
@@ -145,8 +148,8 @@ class RAGTask(Task):
         if self.raft and gold:
             rng = random.Random(self.seed * 1_000_003 + index)
             if rng.random() < self.p_no_gold:
-                docs, no_answer = [d for d in docs if d["id"] not in gold], True
-            elif not any(d["id"] in gold for d in docs[:self.top_k]):
+                docs, no_answer = [d for d in docs if doc_key(d) not in gold], True
+            elif not any(doc_key(d) in gold for d in docs[:self.top_k]):
                 g = self._gold_document(example, gold)
                 docs = docs[:self.top_k]
                 if g is None:

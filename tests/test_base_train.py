@@ -34,32 +34,51 @@ def test_base_train_lowers_val_bpb(pipeline_env):
     assert os.path.exists(os.path.join(base, "base_checkpoints", "tiny", "model_000040.pt"))
 
 
+def check_resume(env, base, cmd, n, every, stage="base_train", ckpt_sub="base_checkpoints"):
+    """Run cmd to step n saving every `every` steps, delete the last checkpoint, --resume: the resumed steps must
+    have exactly the losses of the uninterrupted run, and the step log must read as one run."""
+    run_script(cmd, env)
+    uninterrupted = {r["step"]: r["loss"] for r in read_log(base, stage) if "loss" in r}
+    assert sorted(uninterrupted) == list(range(1, n + 1))
+    ckpt = os.path.join(base, ckpt_sub, "tiny")
+    for name in (f"model_{n:06d}.pt", f"optim_{n:06d}.pt", f"meta_{n:06d}.json"):
+        os.remove(os.path.join(ckpt, name))
+    p = run_script(cmd + ["--resume"], env)
+    assert f"from step {n - every}" in p.stdout
+    log = [r for r in read_log(base, stage) if "loss" in r]
+    assert [r["step"] for r in log] == list(range(1, n + 1))  # the crashed run's steps past the checkpoint are dropped
+    for r in log[n - every:]:
+        assert abs(r["loss"] - uninterrupted[r["step"]]) < 1e-5, (r, uninterrupted[r["step"]])
+    with open(os.path.join(ckpt, f"meta_{n:06d}.json")) as f:
+        return json.load(f)
+
+
 @pytest.mark.slow
 def test_base_train_resume_continues_exactly(pipeline_env):
     env, base = pipeline_env["env"], pipeline_env["base"]
     args = base_args(pipeline_env["corpus"], "--num-iterations", "12", "--eval-every", "-1", "--save-every", "6")
-    run_script(args, env)
-    ckpt = os.path.join(base, "base_checkpoints", "tiny")
-    for name in ("model_000012.pt", "optim_000012.pt", "meta_000012.json"):
-        os.remove(os.path.join(ckpt, name))
-    run_script(args + ["--resume"], env)
-    log = [r for r in read_log(base, "base_train") if "loss" in r]
-    uninterrupted = {r["step"]: r["loss"] for r in log[:12]}
-    resumed = log[12:]
-    assert [r["step"] for r in resumed] == list(range(7, 13))
-    for r in resumed:
-        assert abs(r["loss"] - uninterrupted[r["step"]]) < 1e-5, (r, uninterrupted[r["step"]])
+    meta = check_resume(env, base, args, 12, 6)
+    assert len(meta["dataloader_states"]) == 1 and meta["dataloader_states"][0]["rank"] == 0
 
 
 @pytest.mark.slow
-def test_base_train_torchrun_two_processes(pipeline_env):
+def test_base_train_torchrun_two_processes_and_resume(pipeline_env):
     env, base = pipeline_env["env"], pipeline_env["base"]
-    p = run_script(["torchrun", "--standalone", "--nproc_per_node=2", "-m", *base_args(pipeline_env["corpus"],
-                    "--num-iterations", "4", "--eval-every", "4", "--total-batch-size", "2048")], env)
-    out = p.stdout
-    assert "2 processes" in out
-    assert out.count("saved checkpoint") == 1  # rank 0 alone saves and logs
-    assert os.path.exists(os.path.join(base, "base_checkpoints", "tiny", "model_000004.pt"))
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", *base_args(pipeline_env["corpus"],
+           "--num-iterations", "4", "--eval-every", "4", "--total-batch-size", "2048", "--save-every", "2")]
+    meta = check_resume(env, base, cmd, 4, 2)
+    states = meta["dataloader_states"]  # each rank's own position: different documents, so a resume on 2 works
+    assert [s["rank"] for s in states] == [0, 1] and states[0]["buffer"] != states[1]["buffer"]
+    p = run_script(cmd + ["--resume"], env)
+    assert "2 processes" in p.stdout and p.stdout.count("saved checkpoint") == 1  # rank 0 alone saves (at step 4)
+    sums = [line for line in p.stdout.splitlines() if "first-batch checksums per rank" in line]
+    assert len(sums) == 1 and len(set(sums[0].split("[")[1].rstrip("]").split(", "))) == 2
+    # a checkpoint of 2 processes cannot be resumed by 1: each rank's data position is its own
+    os.remove(os.path.join(base, "base_checkpoints", "tiny", "meta_000004.json"))
+    one = base_args(pipeline_env["corpus"], "--num-iterations", "4", "--eval-every", "4", "--total-batch-size", "2048",
+                    "--save-every", "2", "--resume")
+    p = run_script(one, env, expect_ok=False)
+    assert p.returncode != 0 and "saved by 2 process(es) but this run has 1" in p.stderr
 
 
 def test_base_train_help():

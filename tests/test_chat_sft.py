@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from test_base_train import check_resume
 from conftest import run_script
 from scripts.chat_sft import sft_batches
 
@@ -72,23 +73,16 @@ def test_chat_sft_lowers_val_loss(sft_env):
 def test_chat_sft_resume_continues_exactly(sft_env):
     env, base = sft_env["env"], sft_env["base"]
     args = SFT + ["--num-iterations", "10", "--eval-every", "100", "--save-every", "5"]
-    run_script(args, env)
-    ckpt = os.path.join(base, "sft_checkpoints", "tiny")
-    for name in ("model_000010.pt", "optim_000010.pt", "meta_000010.json"):
-        os.remove(os.path.join(ckpt, name))
-    run_script(args + ["--resume"], env)
-    log = [r for r in read_log(base, "sft") if "loss" in r]
-    first = {r["step"]: r["loss"] for r in log[:10]}
-    resumed = log[10:]
-    assert [r["step"] for r in resumed] == list(range(6, 11))
-    for r in resumed:
-        assert abs(r["loss"] - first[r["step"]]) < 1e-5
+    meta = check_resume(env, base, args, 10, 5, stage="sft", ckpt_sub="sft_checkpoints")
+    assert len(meta["dataloader_states"]) == 1
 
 
 @pytest.mark.slow
-def test_chat_sft_torchrun_two_processes(sft_env):
-    env = sft_env["env"]
-    p = run_script(["torchrun", "--standalone", "--nproc_per_node=2", "-m", *SFT, "--num-iterations", "4",
-                    "--eval-every", "4", "--eval-steps", "2"], env)
-    assert p.stdout.count("saved checkpoint") == 1
-    assert "2 processes" in p.stdout
+def test_chat_sft_torchrun_two_processes_and_resume(sft_env):
+    env, base = sft_env["env"], sft_env["base"]
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", *SFT, "--num-iterations", "4", "--eval-every", "4",
+           "--eval-steps", "2", "--save-every", "2"]
+    meta = check_resume(env, base, cmd, 4, 2, stage="sft", ckpt_sub="sft_checkpoints")
+    assert len(meta["dataloader_states"]) == 2
+    p = run_script(cmd + ["--resume"], env)
+    assert p.stdout.count("saved checkpoint") == 1 and "2 processes" in p.stdout

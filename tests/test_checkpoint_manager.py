@@ -64,6 +64,11 @@ def test_block_pattern_mismatch_names_both(base_dir, tiny_tokenizer):
     with pytest.raises(ValueError, match="TM.*MT"):
         cm.load_model("base", "cpu", "eval", block_pattern="MT", tokenizer=tiny_tokenizer)
     cm.load_model("base", "cpu", "eval", block_pattern="T,M", tokenizer=tiny_tokenizer)  # same pattern, other spelling
+    # another length (or a bad letter): still names what the checkpoint has
+    with pytest.raises(ValueError, match=r"has TM \(2 layers\) but 'TMTM' was requested .*4 blocks but n_layer is 2"):
+        cm.load_model("base", "cpu", "eval", block_pattern="TMTM", tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"has TM \(2 layers\) but 'TX' was requested .*unknown block letter 'X'"):
+        cm.load_model("base", "cpu", "eval", block_pattern="TX", tokenizer=tiny_tokenizer)
 
 
 def test_tokenizer_mismatch_names_both(base_dir, tiny_tokenizer):

@@ -142,8 +142,9 @@ def test_rejected_calculator_expression_forces_nothing():
     assert out == [ps, 2, 10, 10, pe, ae] and masks == [1] * 6
 
 
-def test_replicated_samples_equal_single_row_generation():
-    model = make_model("TMMT")
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_replicated_samples_equal_single_row_generation(pattern):
+    model = make_model(pattern)
     prompt = torch.randint(0, 97, (12,)).tolist()
 
     class Tok(CharTokenizer):
@@ -209,3 +210,49 @@ def test_replicate_copies_states():
                 src, dst = getattr(a, name), getattr(b, name)
                 assert dst.shape[0] == 3 and torch.equal(dst[2], src[0])
                 assert dst.data_ptr() != src.data_ptr()
+
+
+def test_bf16_cache_with_fp32_model():
+    # bf16 is the CUDA default for the KV cache; a fp32 model (no autocast) must still attend over it
+    model = make_model("TMT")
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = InferenceCache(model, batch_size=1, max_seq_len=20, dtype=torch.bfloat16)
+        inc = torch.cat([model(idx[:, :9], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(9, 20)],
+                        dim=1)
+    assert inc.dtype == torch.float32 and (inc - full).abs().max().item() < 0.1  # bf16 keys/values: ~1e-2
+
+
+def test_generate_from_conversation(tiny_tokenizer):
+    from nanochat.tokenizer import ConversationTooLong
+    tok = tiny_tokenizer
+    model = make_model("TM", vocab_size=tok.get_vocab_size(), seq_len=96)
+    engine = Engine(model, tok)
+    docs = [{"id": f"d{i}", "title": f"Doc {i}", "content": "The json module encodes and decodes JSON data. " * 2}
+            for i in range(4)]
+    conv = {"messages": [{"role": "retrieval", "documents": docs}, {"role": "user", "content": "What does json do?"}]}
+    calls = []
+    real = engine.generate_batch
+
+    def spy(prompt, **kw):
+        calls.append((list(prompt), kw))
+        return real(prompt, **kw)
+
+    engine.generate_batch = spy
+    answer = engine.generate_from_conversation(conv, max_tokens=20, temperature=0.0)
+    prompt, kw = calls[-1]
+    want = tok.render_for_completion(conv, max_tokens=96 - 20)  # room for the whole answer
+    assert prompt == want and kw["max_tokens"] == 20 and len(prompt) <= 76
+    assert len(prompt) < len(tok.render_for_completion(conv, max_tokens=10_000))  # low-ranked documents dropped
+    out, _ = real(want, num_samples=1, max_tokens=20, temperature=0.0, seed=42)
+    assert answer == engine.decode_answer(out[0]) and isinstance(answer, str)
+    # a max_tokens beyond a quarter of the context: documents are dropped only for that quarter
+    engine.generate_from_conversation(conv, max_tokens=1000)
+    prompt, kw = calls[-1]
+    assert prompt == tok.render_for_completion(conv, max_tokens=96 - 24) and kw["max_tokens"] == 96 - len(prompt)
+    long_q = {"messages": [{"role": "user", "content": "why " * 200}]}
+    with pytest.raises(ConversationTooLong, match="tokens even with all retrieved documents dropped"):
+        engine.generate_from_conversation(long_q, max_tokens=10)
+    with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+        engine.generate_from_conversation(conv, max_tokens=0)

@@ -100,6 +100,21 @@ def test_optimizer_groups_cover_each_parameter_once():
     assert any(n.endswith("attn.c_q.weight") for n in muon_names)
 
 
+def test_optimizer_grouping_errors_name_the_parameter():
+    model = make_model("TM")
+    model.stray = torch.nn.Parameter(torch.zeros(3))  # belongs to no group
+    with pytest.raises(RuntimeError, match=r"1 parameters in no optimizer group: \['stray'\]"):
+        model.setup_optimizers()
+    model = make_model("TM")
+    model.lm_head.weight = model.transformer.wte.weight  # tied: would be stepped twice
+    with pytest.raises(RuntimeError, match="parameters in two optimizer groups: .*lm_head.weight"):
+        model.setup_optimizers()
+    model = make_model("TM")
+    model.transformer.h[0].attn.scale = torch.nn.Parameter(torch.ones(4))  # 1-D in a T block
+    with pytest.raises(RuntimeError, match=r"1-D parameter transformer.h.0.attn.scale in a T block"):
+        model.setup_optimizers()
+
+
 def test_training_lowers_the_loss():
     model = make_model("TM")
     opts = model.setup_optimizers(matrix_lr=0.02, embedding_lr=0.05, unembedding_lr=0.01)
@@ -127,13 +142,17 @@ def test_ignore_index_and_reduction():
 
 def test_state_dict_round_trip(tmp_path):
     model = make_model("TMM")
+    with torch.no_grad():  # init zeroes lm_head and the output projections: perturb everything so logits differ
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     path = tmp_path / "m.pt"
     torch.save(model.state_dict(), path)
-    other = GPT(model.config)
-    other.init_weights()
-    other.load_state_dict(torch.load(path, weights_only=True))
+    other = make_model("TMM", seed=1)
     idx = torch.randint(0, 97, (2, 20))
+    assert not torch.allclose(model(idx), other(idx))  # the check below would catch a load that did nothing
+    other.load_state_dict(torch.load(path, weights_only=True))
     assert torch.equal(model(idx), other(idx))
+    assert set(other.state_dict()) == set(model.state_dict())
 
 
 def test_estimate_flops_counts_attention_and_ssd():

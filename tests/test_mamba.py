@@ -261,6 +261,38 @@ def test_layer_gradients():
         assert p.grad.abs().sum() > 0, name
 
 
+def _saved_bytes_and_grads(m, u):
+    """Bytes autograd saves for backward outside checkpointed regions, and the gradients of one step."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    m.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(u).square().mean()
+    loss.backward()
+    return saved[0], {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def test_recompute_scan_same_gradients_less_saved(monkeypatch):
+    m = tiny_mamba(torch.float32, ngroups=2)
+    u = torch.randn(2, 64, 32)
+    monkeypatch.setenv("NANOCHAT_MAMBA_RECOMPUTE", "0")
+    stored, g_stored = _saved_bytes_and_grads(m, u)
+    monkeypatch.setenv("NANOCHAT_MAMBA_RECOMPUTE", "1")
+    recomputed, g_recomputed = _saved_bytes_and_grads(m, u)
+    for n in g_stored:
+        assert torch.allclose(g_stored[n], g_recomputed[n], rtol=1e-5, atol=1e-7), n
+    assert recomputed < stored / 2, (recomputed, stored)  # the (Q, Q) chunk matrices are not kept
+    with torch.no_grad():  # inference never checkpoints
+        torch.testing.assert_close(m(u), m(u))
+    monkeypatch.setenv("NANOCHAT_MAMBA_RECOMPUTE", "maybe")
+    with pytest.raises(ValueError, match="NANOCHAT_MAMBA_RECOMPUTE='maybe'"):
+        m(u.requires_grad_())
+
+
 def test_layer_bf16_autocast_close_to_fp32():
     m = tiny_mamba(torch.float32)
     u = torch.randn(2, 20, 32)

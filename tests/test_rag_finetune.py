@@ -54,9 +54,22 @@ def test_rag_finetune_then_eval(sft_env, monkeypatch):
                 "rag_em", "rag_f1", "rag_contains", "rag_hallucination_rate", "rag_citation_accuracy",
                 "retrieval_recall@2", "retrieval_ndcg@2", "retrieval_mrr@2"):
         assert key in s, key
-    assert s["n"] == 6 and len(results["rows"]) == 6
-    assert all("answer" in r["rag"] and "answer" in r["closed_book"] for r in results["rows"])
-    assert os.path.exists(os.path.join(base, "report", "rag_eval_results.md"))
+    rows = results["rows"]
+    assert s["n"] == 6 and len(rows) == 6
+    assert all("answer" in r["rag"] and "answer" in r["closed_book"] for r in rows)
+    # the summary is the mean of the rows, and each row's scores are those of its own answer and documents
+    from scripts.rag_eval import score_answer, retrieval_metrics
+    for mode in ("closed_book", "rag"):
+        for key, name in (("em", "em"), ("f1", "f1"), ("hallucination", "hallucination_rate")):
+            assert s[f"{mode}_{name}"] == pytest.approx(100 * sum(r[mode][key] for r in rows) / 6, abs=0.01)
+    qa = [json.loads(x) for x in open(os.path.join(builtin, "qa_eval.jsonl"))][:6]
+    for r, ex in zip(rows, qa):
+        assert r["question"] == ex["messages"][0]["content"] and len(r["retrieved"]) == 2
+        assert r["retrieval"] == retrieval_metrics(r["retrieved"], ex["gold_doc_ids"], 2)
+        assert r["closed_book"]["em"] == score_answer(r["closed_book"]["answer"], ex, [], False)["em"]
+    assert s["retrieval_recall@2"] == pytest.approx(100 * sum(r["retrieval"]["recall"] for r in rows) / 6, abs=0.01)
+    md = open(os.path.join(base, "report", "rag_eval_results.md")).read()
+    assert "| metric | closed-book | RAG (top 2) | RAG - closed-book |" in md
 
 
 @pytest.mark.slow
@@ -79,4 +92,25 @@ def test_retrieval_only_eval(pipeline_env):
     env, builtin = pipeline_env["env"], str(pipeline_env["builtin"])
     kb = build_kb(env, builtin)
     p = run_script(["scripts.rag_eval", "--retrieval-only", "--knowledge-base", kb, "--top-k", "3"], env)
-    assert "retrieval_recall@3" in p.stdout
+    assert "| retrieval (gold documents) | % |" in p.stdout and "| recall@3 |" in p.stdout
+    with open(os.path.join(env["NANOCHAT_BASE_DIR"], "report", "rag_eval_results.json")) as f:
+        s = json.load(f)["summary"]
+    assert 0 <= s["retrieval_recall@3"] <= 100 and "rag_em" not in s and "closed_book_em" not in s
+
+
+def test_rag_eval_scoring_and_side_by_side_table():
+    from scripts.rag_eval import score_answer, format_tables
+    docs = [{"id": "a", "title": "", "content": "The capital of France is Paris."},
+            {"id": "b", "title": "", "content": "Rome is in Italy."}]
+    ex = {"answers": ["Paris"], "gold_doc_ids": ["a"]}
+    r = score_answer("Paris [1]", ex, docs, True)
+    assert r == {"em": 1.0, "f1": 1.0, "contains": 1.0, "hallucination": 0.0, "citation": 1.0}
+    r = score_answer("It is Paris, France [2]", ex, docs, True)
+    assert r["em"] == 0.0 and r["contains"] == 1.0 and r["citation"] == 0.0 and 0 < r["f1"] < 1
+    assert score_answer("Moscow", ex, docs, False) == {"em": 0.0, "f1": 0.0, "contains": 0.0, "hallucination": 1.0}
+    summary = {"n": 10, "top_k": 3, "closed_book_em": 10.0, "closed_book_f1": 20.5, "rag_em": 45.0, "rag_f1": 60.25,
+               "rag_citation_accuracy": 80.0, "retrieval_recall@3": 90.0}
+    t = format_tables(summary, ["closed_book", "rag"])
+    assert "| exact match (%) | 10.00 | 45.00 | +35.00 |" in t and "| token F1 (%) | 20.50 | 60.25 | +39.75 |" in t
+    assert "| citation accuracy (%) | - | 80.00 | - |" in t and "| recall@3 | 90.00 |" in t
+    assert "| exact match (%) | 45.00 |" in format_tables(summary, ["rag"])

@@ -215,7 +215,11 @@ def test_multihop_retrieves_distinct_docs(kb):
     assert hops == [1, 1, 2, 2]
     ids = [d["id"] for d in docs]
     assert len(set(ids)) == 4  # hop 2 excludes what hop 1 found
-    assert seen_queries  # the replaceable hop-query function was used
+    assert seen_queries == [QA[1]["question"]] * 2  # called after each hop with the original question
+    # hop 2's documents are what the hop-query function's query retrieves, minus hop 1's
+    hop2_query = make_hop_query(QA[1]["question"], docs[:2])
+    expected = [d.id for d, _ in RetrievalManager("bm25", kb).retrieve(hop2_query, 4) if d.id not in ids[:2]][:2]
+    assert ids[2:] == expected
     assert make_hop_query("Q?", [{"title": "Berlin", "content": "x"}, {"title": "", "content": "First one. Second."}]) \
         == "Q? Berlin First one."
     gold_pos = [k for k, d in enumerate(docs, start=1) if d["id"] == "spree"]
@@ -235,3 +239,33 @@ def test_create_rag_task(kb, tmp_path):
         create_rag_task("nope")
     with pytest.raises(ValueError, match="knowledge_base_path"):
         RAGTask(TinyQA())
+
+
+def test_raft_no_gold_rate_follows_p(kb):
+    manager = RetrievalManager("bm25", kb)
+    rows = [QA[0]] * 400
+    for p in (0.25, 0.6):
+        task = RAGTask(TinyQA(rows), retriever=manager, top_k=3, raft=True, p_no_gold=p, seed=3)
+        no_gold = [task[i]["messages"][-1]["content"] == NO_ANSWER for i in range(len(rows))]
+        assert abs(sum(no_gold) / len(rows) - p) < 0.07  # binomial sd ~0.025 at n=400
+        for i in range(len(rows)):  # every no-gold example really has no gold document, every other one cites it
+            docs = retrieval_docs(task[i])
+            has_gold = "paris" in [d["id"] for d in docs]
+            assert has_gold != no_gold[i]
+        again = RAGTask(TinyQA(rows), retriever=manager, top_k=3, raft=True, p_no_gold=p, seed=3)
+        assert [again[i] for i in range(50)] == [task[i] for i in range(50)]  # a pure function of (seed, index)
+
+
+def test_raft_swaps_in_the_answering_chunk_of_a_chunked_gold_document(tmp_path):
+    filler = " ".join(f"filler{i}" for i in range(30))
+    docs = KB_DOCS + [{"id": "manual", "title": "Manual", "content": filler + " the answer is Quokka island " + filler}]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in docs))
+    build_knowledge_base([src], tmp_path / "kb", "bm25", chunk_size=12, show_progress=False)
+    rows = [{"id": "m", "question": "Where is the Eiffel Tower?", "answer": "Quokka island", "gold": ["manual"]}]
+    task = RAGTask(TinyQA(rows), knowledge_base_path=tmp_path / "kb", top_k=2, raft=True, p_no_gold=0.0)
+    conv = task[0]
+    got = retrieval_docs(conv)
+    chunk = [d for d in got if d.get("parent_id") == "manual"]
+    assert len(chunk) == 1 and "Quokka island" in chunk[0]["content"] and chunk[0]["id"].startswith("manual#")
+    assert conv["messages"][-1]["content"] == f"Quokka island [{got.index(chunk[0]) + 1}]"

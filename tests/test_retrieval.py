@@ -506,6 +506,157 @@ def test_build_crash_leaves_no_kb_or_the_previous_one(tmp_path, monkeypatch):
     assert len(load_retriever(tmp_path / "kb")) == len(SMALL)
 
 
+def test_negative_bm25_scores_still_rank_matching_documents():
+    """When the idf floor itself is negative (most words in most documents), matching documents score below 0;
+    they must still be returned (ahead of nothing), not lose to the zeros of documents that do not match."""
+    from rank_bm25 import BM25Okapi
+    texts = ["x y", "x y", "x y", "z"]
+    docs = [Document(str(i), "", t) for i, t in enumerate(texts)]
+    r = BM25Retriever()
+    r.add_documents(docs)
+    ref = BM25Okapi([tokenize(t) for t in texts])
+    assert ref.get_scores(["x"])[0] < 0  # the case this test is about
+    got = r.retrieve("x", 2)
+    assert [d.id for d, _ in got] == ["0", "1"]  # ties: lower index first
+    np.testing.assert_allclose([s for _, s in got], ref.get_scores(["x"])[:2], rtol=1e-5)
+    assert [d.id for d, _ in r.retrieve("x", 10)] == ["0", "1", "2"]  # "z" does not match "x"
+    assert [(i, s) for i, s in zip(*R._top_k(np.array([0.0, 2.0, 2.0, -1.0, 2.0]), 2))] == [(1, 2.0), (2, 2.0)]
+
+
+def test_output_that_is_not_a_kb_is_refused(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "content": "some text"}])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="without kb.json.*refusing to replace"):
+        build_knowledge_base([src], mine, show_progress=False)
+    p = run_cli("--documents", src, "--output", mine)
+    assert p.returncode == 1 and "refusing to replace" in p.stderr
+    assert os.listdir(mine) == ["thesis.tex"] and sorted(os.listdir(tmp_path)) == ["d.jsonl", "mine"]
+    (tmp_path / "empty").mkdir()  # an empty directory (e.g. made by mkdir -p) is fine
+    build_knowledge_base([src], tmp_path / "empty", show_progress=False)
+    assert len(load_retriever(tmp_path / "empty")) == 1
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(b'{"id": "1", "content": "fine"}\n{"id": "2", "content": "caf\xe9"}\n{"id": "3", "content": "ok"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8 \(byte 0xe9 at column 28\)"):
+        build_knowledge_base([src], tmp_path / "kb", show_progress=False)
+    assert not (tmp_path / "kb").exists()
+    p = run_cli("--documents", src, "--output", tmp_path / "kb", "--skip_bad")  # underscore spelling works too
+    assert p.returncode == 0, p.stderr
+    assert "1 bad lines skipped" in p.stdout and [d.id for d in load_retriever(tmp_path / "kb").documents] == ["1", "3"]
+
+
+def test_cli_underscore_flags(tmp_path):
+    words = " ".join(f"w{i}" for i in range(30))
+    src = write_jsonl(tmp_path / "d.jsonl", [{"id": "long", "content": words}])
+    p = run_cli("--documents", src, "--output", tmp_path / "kb", "--chunk_size", 10, "--chunk_overlap", 2)
+    assert p.returncode == 0, p.stderr
+    assert [d.id for d in load_retriever(tmp_path / "kb").documents] == ["long#0", "long#1", "long#2", "long#3"]
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from nanochat import kb, retrieval
+where = sys.argv[3]
+if where == "save":  # die half way through writing the index
+    real = retrieval.BM25Retriever._save_index
+    def save(self, d):
+        real(self, d)
+        os.kill(os.getpid(), signal.SIGKILL)
+    retrieval.BM25Retriever._save_index = save
+else:  # die in the instant after the old KB was moved aside, before the new one is renamed in
+    real_rename = os.rename
+    def rename(a, b):
+        real_rename(a, b)
+        if b.endswith(".old"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.rename = rename
+kb.build_knowledge_base([sys.argv[1]], sys.argv[2], append=True, show_progress=False)
+"""
+
+
+@pytest.mark.parametrize("where", ["save", "rename"])
+def test_killed_build_is_cleaned_up_or_recovered(tmp_path, where):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "title": t, "content": c} for i, t, c in SMALL])
+    more = write_jsonl(tmp_path / "more.jsonl", [{"id": "new", "content": "a brand new document"}])
+    build_knowledge_base([src], tmp_path / "kb", show_progress=False)
+    p = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, more, tmp_path / "kb", where], cwd=REPO, timeout=120)
+    assert p.returncode == -9
+    leftovers = sorted(f for f in os.listdir(tmp_path) if f.startswith(".kb."))
+    if where == "save":  # the previous KB is intact; the half-written temp dir is left behind
+        assert len(leftovers) == 1 and leftovers[0].endswith(".tmp") and len(load_retriever(tmp_path / "kb")) == len(SMALL)
+    else:  # no kb/ at all: the old one was moved aside, the complete new one not yet renamed in; loading finishes it
+        assert not (tmp_path / "kb").exists() and sorted(f.rsplit(".", 1)[1] for f in leftovers) == ["old", "tmp"]
+        assert len(load_retriever(tmp_path / "kb")) == len(SMALL) + 1
+        assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "kb", "more.jsonl"]
+    # the next build removes whatever the dead run left
+    build_knowledge_base([src, more], tmp_path / "kb", show_progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "kb", "more.jsonl"]
+    assert len(load_retriever(tmp_path / "kb")) == len(SMALL) + 1
+
+
+def test_append_keeps_index_type_and_build_history(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"id": i, "title": t, "content": c} for i, t, c in SMALL[:5]])
+    more = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "title": t, "content": c} for i, t, c in SMALL[5:]])
+    build_knowledge_base([first], tmp_path / "kb", "dense", index_type="hnsw", show_progress=False)
+    with pytest.raises(ValueError, match="has a 'hnsw' index but --index flat"):
+        build_knowledge_base([more], tmp_path / "kb", "dense", index_type="flat", append=True, show_progress=False)
+    build_knowledge_base([more], tmp_path / "kb", "dense", append=True, show_progress=False)
+    meta = json.loads((tmp_path / "kb" / "kb.json").read_text())
+    assert meta["config"]["index_type"] == "hnsw" and meta["build_args"]["index"] == "hnsw"
+    assert meta["build_args"]["documents"] == [os.path.abspath(more)] and meta["build_args"]["append"]
+    assert [b["documents"] for b in meta["build_args"]["previous_builds"]] == [[os.path.abspath(first)]]
+    assert len(load_retriever(tmp_path / "kb")) == len(SMALL)
+
+
+def test_kb_json_dim_and_bm25s_files_are_checked(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "title": t, "content": c} for i, t, c in SMALL])
+    build_knowledge_base([src], tmp_path / "dense", "dense", show_progress=False)
+    meta = json.loads((tmp_path / "dense" / "kb.json").read_text())
+    assert meta["embedding_dim"] == 384
+    (tmp_path / "dense" / "kb.json").write_text(json.dumps({**meta, "embedding_dim": 768}))
+    with pytest.raises(ValueError, match="384-dim vectors but kb.json says embedding_dim 768"):
+        load_retriever(tmp_path / "dense")
+    build_knowledge_base([src], tmp_path / "bm25", show_progress=False)
+    os.remove(tmp_path / "bm25" / "bm25s" / "vocab.index.json")
+    with pytest.raises(FileNotFoundError, match=r"missing file bm25s/vocab.index.json"):
+        load_retriever(tmp_path / "bm25")
+
+
+def test_encoder_with_another_dim_is_refused():
+    r = DenseRetriever()
+    r._set_documents([Document(str(i), "", "text") for i in range(3)])
+    r.add_embeddings(np.eye(3, 16, dtype=np.float32))  # a 16-dim index; MiniLM gives 384
+    with pytest.raises(ValueError, match="384-dim embeddings but this index holds 16-dim"):
+        r.retrieve("anything", 1)
+
+
+def test_chunked_kb_cites_and_recalls_parent_documents(tmp_path):
+    from nanochat.rag_utils import citation_correctness, doc_key
+    from tasks.rag_task import cite_gold
+    from scripts.rag_eval import retrieval_metrics
+    filler = " ".join(f"filler{i}" for i in range(40))
+    src = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "walrus", "title": "Walrus", "content": filler + " the walrus lives in the arctic ocean " + filler},
+        {"id": "cats", "content": "cats purr"}])
+    build_knowledge_base([src], tmp_path / "kb", chunk_size=20, show_progress=False)
+    rm = RetrievalManager("bm25", tmp_path / "kb")
+    docs = R.results_to_dicts(rm.retrieve("cats purr", 1) + rm.retrieve("where does the walrus live arctic", 1))
+    assert docs[1]["id"].startswith("walrus#") and docs[1]["parent_id"] == "walrus" and doc_key(docs[1]) == "walrus"
+    assert docs[0]["id"] == "cats" and "parent_id" not in docs[0]
+    assert citation_correctness([2], docs, ["walrus"]) == 1.0 and citation_correctness([1], docs, ["walrus"]) == 0.0
+    assert retrieval_metrics([doc_key(d) for d in docs], ["walrus"], 2)["recall"] == 1.0
+    conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "the arctic"}],
+            "gold_doc_ids": ["walrus"]}
+    assert cite_gold(conv, docs)["messages"][-1]["content"] == "the arctic [2]"
+    parts = rm.retriever.get_parts("walrus")
+    assert [d.id for d in parts] == [f"walrus#{i}" for i in range(len(parts))] and len(parts) >= 4
+    assert rm.retriever.get_parts("cats")[0].id == "cats" and rm.retriever.get_parts("nope") == []
+
+
 # -----------------------------------------------------------------------------
 # RetrievalManager
 

@@ -524,6 +524,18 @@ def test_smoltalk_local_file_and_mirror(tmp_path):
         SmolTalk("validation", local_path=p)
 
 
+def test_hf_local_mirror_env(tmp_path, monkeypatch, hub):
+    # NANOCHAT_HF_LOCAL=DIR (the scripts' --hf-local): DIR/<repo_id>/<file> is used without touching the hub
+    root = tmp_path / "mirror"
+    write_parquet(root / "HuggingFaceTB/smol-smoltalk/data/test-00000-of-00001.parquet", smoltalk_rows(5))
+    monkeypatch.setenv("NANOCHAT_HF_LOCAL", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = SmolTalk("test")
+    assert len(task) == 5 and task.paths[0].startswith(str(root)) and hub.requests == []
+    with pytest.raises(HubFileUnavailable, match=r"--hf-local DIR"):  # not in the mirror: the hint names the flag
+        GSM8K("main", "test")
+
+
 def test_smoltalk_bad_row(tmp_path):
     rows = smoltalk_rows(2)
     rows[1]["messages"] = [{"content": "a", "role": "assistant"}, {"content": "b", "role": "user"}]
