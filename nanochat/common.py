@@ -306,3 +306,28 @@ def dual(name):
     dashed = "--" + name.lstrip("-").replace("_", "-")
     under = "--" + name.lstrip("-").replace("-", "_")
     return [dashed] if dashed == under else [dashed, under]
+
+
+def add_checkpoint_args(parser, default_source):
+    """--source / --model-tag / --step: how every script that loads a checkpoint names it."""
+    parser.add_argument("--source", type=str, default=default_source, choices=["base", "mid", "sft", "rag", "refrag"],
+                        help="which checkpoints to load ($NANOCHAT_BASE_DIR/<source>_checkpoints)")
+    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag, e.g. d20 (None: the newest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (None: the last)")
+
+
+def compile_and_wrap(model, compile_flag, ddp, local_rank, device_type):
+    """
+    The training scripts' model setup: torch.compile (compile_flag 1/0, -1 = on for CUDA), then DDP when under
+    torchrun. Returns (model to train, model to evaluate): the eval model is compiled but never DDP-wrapped, so
+    an evaluation forward never issues collectives.
+    """
+    if (compile_flag if compile_flag != -1 else int(device_type == "cuda")):
+        model = torch.compile(model, dynamic=False)
+    eval_model = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # no buffer broadcast: the only buffers are the rotary tables, identical on every rank; a broadcast per
+        # forward would also turn every eval forward into a collective that all ranks must match
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    return model, eval_model

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, lr_multiplier,
-                             synchronize, get_peak_flops)
+                             synchronize, get_peak_flops, compile_and_wrap)
 
 parser = argparse.ArgumentParser(description="Pretrain a hybrid Transformer/Mamba2 base model.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -50,7 +50,7 @@ parser.add_argument(*dual("total-batch-size"), type=int, default=524288, help="t
 parser.add_argument(*dual("embedding-lr"), type=float, default=0.2, help="AdamW lr for the token embedding")
 parser.add_argument(*dual("unembedding-lr"), type=float, default=0.004, help="AdamW lr for lm_head")
 parser.add_argument(*dual("matrix-lr"), type=float, default=0.02, help="Muon lr for block matrices")
-parser.add_argument(*dual("mamba-lr"), type=float, default=None, help="AdamW lr for Mamba's A_log/D/dt_bias/conv/norm (default 10x unembedding-lr)")
+parser.add_argument(*dual("mamba-lr"), type=float, default=None, help="AdamW lr for Mamba's A_log/D/dt_bias/conv/norm (None: 10x --unembedding-lr)")
 parser.add_argument(*dual("weight-decay"), type=float, default=0.0)
 parser.add_argument(*dual("grad-clip"), type=float, default=1.0, help="clip the global grad norm (0 = off)")
 parser.add_argument(*dual("warmup-ratio"), type=float, default=0.0)
@@ -63,10 +63,10 @@ parser.add_argument(*dual("sample-every"), type=int, default=2000, help="print s
 parser.add_argument(*dual("save-every"), type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
 parser.add_argument(*dual("log-every"), type=int, default=10)
 # data / runtime
-parser.add_argument(*dual("data-dir"), type=str, default=None, help="directory of .parquet/.jsonl/.txt text shards (default: nanochat.dataset.default_data_dir())")
-parser.add_argument(*dual("device-type"), type=str, default="", help="cuda|cpu|mps (default: autodetect)")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model (1/0; default: on for CUDA)")
-parser.add_argument(*dual("model-tag"), type=str, default=None, help="checkpoint folder name (default d<depth>)")
+parser.add_argument(*dual("data-dir"), type=str, default=None, help="directory of .parquet/.jsonl/.txt text shards (None: nanochat.dataset.default_data_dir())")
+parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 or 0 (-1: on for CUDA)")
+parser.add_argument(*dual("model-tag"), type=str, default=None, help="checkpoint folder name (None: d<depth>)")
 parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint of --model-tag")
 parser.add_argument("--seed", type=int, default=42)
 args = parser.parse_args()
@@ -128,15 +128,7 @@ num_params = orig_model.num_params()
 flops_per_token = orig_model.estimate_flops()
 print0(f"parameters: {num_params:,}; estimated FLOPs per token: {flops_per_token:e}")
 
-use_compile = args.compile if args.compile != -1 else int(device_type == "cuda")
-if use_compile:
-    model = torch.compile(model, dynamic=False)
-eval_model = model  # compiled but never DDP-wrapped: evaluation must not issue collectives
-if ddp:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    # no buffer broadcast: the only buffers are the rotary tables, identical on every rank; a broadcast per
-    # forward would also turn every eval forward into a collective that all ranks must match
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+model, eval_model = compile_and_wrap(model, args.compile, ddp, local_rank, device_type)
 
 # horizon
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len

@@ -14,16 +14,13 @@ import argparse
 
 import torch
 
-from nanochat.common import compute_init, dual, get_autocast_ctx
+from nanochat.common import add_checkpoint_args, compute_init, dual, get_autocast_ctx
 
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a nanochat-rag model (interactive, or one question with -p).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rag", "refrag"],
-                        help="which checkpoints to load ($NANOCHAT_BASE_DIR/<source>_checkpoints)")
-    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag, e.g. d20 (None: the newest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (None: the last)")
+    add_checkpoint_args(parser, default_source="sft")
     parser.add_argument("-p", "--prompt", type=str, default=None, help="answer this one question and exit")
     parser.add_argument(*dual("knowledge-base"), type=str, default=None, help="KB directory to retrieve from (python -m nanochat.retrieval)")
     parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own)")

@@ -16,7 +16,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, dual, get_autocast_ctx
+from nanochat.common import add_checkpoint_args, compute_init, compute_cleanup, print0, dual, get_autocast_ctx
 
 TASK_NAMES = ["StdlibQA", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K"]
 
@@ -76,10 +76,7 @@ def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperat
 def main():
     parser = argparse.ArgumentParser(description="Evaluate a chat model on tasks (accuracy per task).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft", "rag", "refrag"],
-                        help="which checkpoints to load ($NANOCHAT_BASE_DIR/<source>_checkpoints)")
-    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag, e.g. d20 (None: the newest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (None: the last)")
+    add_checkpoint_args(parser, default_source="sft")
     parser.add_argument("-a", "--tasks", type=str, default="StdlibQA", help=f"comma-separated: {', '.join(TASK_NAMES)}")
     parser.add_argument(*dual("max-problems"), type=int, default=None, help="at most this many examples per task (None: all)")
     parser.add_argument(*dual("max-new-tokens"), type=int, default=256, help="most tokens per generated answer")

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, lr_multiplier, get_dist_info,
-                             synchronize, get_peak_flops, repo_dir)
+from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, lr_multiplier,
+                             get_dist_info, synchronize, get_peak_flops, repo_dir, compile_and_wrap)
 
 
 # -----------------------------------------------------------------------------
@@ -238,15 +238,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
         loader_state = loader_state_for_rank(meta_r, rank, world_size, f"--resume from {ckpt_dir} step {start_step}")
         print0(f"resuming {stage} from step {start_step}")
 
-    use_compile = args.compile if args.compile != -1 else int(device_type == "cuda")
-    if use_compile:
-        model = torch.compile(model, dynamic=False)
-    eval_model = model  # compiled but never DDP-wrapped: evaluation must not issue collectives
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # no buffer broadcast: the only buffers are the rotary tables, identical on every rank; a broadcast per
-        # forward would also turn every eval forward into a collective that all ranks must match
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    model, eval_model = compile_and_wrap(model, args.compile, ddp, local_rank, device_type)
 
     if args.num_iterations > 0:
         num_iterations = args.num_iterations

@@ -20,8 +20,8 @@ import argparse
 
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, atomic_write_json,
-                             atomic_write_text)
+from nanochat.common import (add_checkpoint_args, compute_init, compute_cleanup, print0, dual, get_autocast_ctx,
+                             atomic_write_json, atomic_write_text)
 
 MODES = ("closed_book", "rag")
 
@@ -29,9 +29,7 @@ MODES = ("closed_book", "rag")
 def build_parser():
     parser = argparse.ArgumentParser(description="Closed-book vs RAG evaluation of a checkpoint on QA questions.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", type=str, default="rag", choices=["base", "mid", "sft", "rag", "refrag"])
-    parser.add_argument(*dual("model-tag"), type=str, default=None)
-    parser.add_argument("--step", type=int, default=None)
+    add_checkpoint_args(parser, default_source="rag")
     parser.add_argument(*dual("knowledge-base"), type=str, default=None, help="KB directory (None: the built-in stdlib KB)")
     parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own type)")
     parser.add_argument(*dual("top-k"), type=int, default=3)
