@@ -420,7 +420,7 @@ def format_record(rec):
         head = "class " + head
     elif kind == "method":
         head = rec["name"].rsplit(".", 1)[0] + "." + head
-    from tasks.stdlib_qa import first_sentence
+    from nanochat.stdlib_docs import first_sentence
     summary = first_sentence(doc)
     recap = f"\n\nIn short, `{module}.{rec['name']}`: {summary}" + (f" Signature: {rec['signature']}" if rec["signature"] else "")
     return f"Module {module}\n\n{head}\n\n{doc}" + (recap if summary else "")

@@ -24,7 +24,7 @@ import platform
 import datetime
 import subprocess
 
-from nanochat.common import get_base_dir, atomic_write_json, atomic_write_text, get_dist_info
+from nanochat.common import get_base_dir, atomic_write_json, atomic_write_text, get_dist_info, append_jsonl
 
 # the order stages appear in the report, with their titles
 STAGES = [
@@ -55,10 +55,7 @@ def log_step(stage, record):
     """Append one per-step record (loss, lr, tokens/s...) to report/logs/<stage>.jsonl."""
     if not _is_master():
         return
-    d = os.path.join(report_dir(), "logs")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"{stage}.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(os.path.join(report_dir(), "logs", f"{stage}.jsonl"), record)
 
 
 def reset_log(stage, keep_until=None):
@@ -261,8 +258,7 @@ if __name__ == "__main__":
     if args.command == "time":
         if len(args.args) != 2:
             parser.error("time needs STAGE SECONDS")
-        with open(os.path.join(report_dir(), "timings.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"stage": args.args[0], "seconds": float(args.args[1])}) + "\n")
+        append_jsonl(os.path.join(report_dir(), "timings.jsonl"), {"stage": args.args[0], "seconds": float(args.args[1])})
     elif args.command == "reset":
         reset()
         print(f"report reset in {report_dir()}")

@@ -7,6 +7,7 @@ It feeds the built-in pretraining corpus (nanochat/dataset.py --builtin) and the
     records = harvest()                    # ~6.6k records in a few seconds; a list of dicts sorted by id
     records = harvest(modules=["json"])    # just one package (and its public submodules)
     python -m nanochat.stdlib_docs         # print the counts and a few records (nothing is written)
+    first_sentence(doc), first_paragraph(doc), prose(doc)   # reading a docstring (shared by corpus and QA)
 
 A record is
     {"id": "textwrap.dedent", "module": "textwrap", "name": "dedent", "kind": "function",
@@ -339,6 +340,107 @@ def topic_records():
         return []
     return [{"id": f"topic:{key}", "module": "", "name": key, "kind": "topic", "signature": "",
              "doc": _clean_doc(text)} for key, text in sorted(mod.topics.items())]
+
+# -----------------------------------------------------------------------------
+# reading docstrings (the corpus' recap lines and the built-in QA both take a docstring's first sentence)
+
+
+def squash(text):
+    return " ".join(text.split())
+
+
+SIG_LINE = re.compile(r"^[A-Za-z_][\w.]*\(.*\)\s*(->.*)?$")
+UNDERLINE = re.compile(r"^[=\-~*^#+]{3,}$")
+_ABBREV = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "approx.", "resp.", "no.")
+
+
+def paragraphs(doc):
+    """Blank-line separated paragraphs (lists of lines, original indentation kept)."""
+    out, cur = [], []
+    for line in doc.splitlines():
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+def prose(doc, max_chars=700):
+    """The leading prose of a long text (a language-reference topic): its prose paragraphs in order, up to
+    max_chars, skipping headings, indented grammar/code blocks, signature lines, and the sentences that lead into a
+    block ("... is equivalent to"), except the first one, whose colon becomes a full stop."""
+    pars, out = paragraphs(doc), []
+    for k, par in enumerate(pars):
+        if len(par) >= 2 and UNDERLINE.match(par[1].strip()) or UNDERLINE.match(par[0].strip()):
+            continue
+        if par[0].startswith((" ", "\t")) or par[0].lstrip().startswith((">>>", "-", "*")):
+            continue
+        if re.match(r"[\w.]+\(", par[0].strip()):  # a signature header: "object.__add__(self, other)"
+            continue
+        text = squash(" ".join(par))
+        if text.lower().startswith(("new in version", "changed in version", "see also")):
+            continue
+        leads_into_block = text.endswith(":") or (k + 1 < len(pars) and pars[k + 1][0].startswith((" ", "\t")))
+        if leads_into_block:
+            if out or not text.endswith(":"):
+                continue
+            text = text[:-1] + "."
+        if out and len("\n\n".join(out)) + 2 + len(text) > max_chars:
+            break
+        text = text if len(text) <= max_chars else first_paragraph(text, max_chars)
+        if text:
+            out.append(text)
+    return "\n\n".join(out)
+
+
+def first_paragraph(doc, max_chars=600):
+    """The first prose paragraph, whitespace-squashed: leading signature lines ("len(obj) -> int"), headings
+    ("ast\\n~~~"), indented blocks (grammar, code) and version notes are skipped; long ones are cut at a sentence
+    end within max_chars (or "" if there is none)."""
+    for par in paragraphs(doc):
+        lines = list(par)
+        while lines and (SIG_LINE.match(lines[0].strip()) or UNDERLINE.match(lines[0].strip())):
+            lines.pop(0)
+        if len(lines) >= 2 and UNDERLINE.match(lines[1].strip()):  # a heading
+            continue
+        if not lines or lines[0].startswith((" ", "\t")) or lines[0].lstrip().startswith((">>>", "..", "-", "*")):
+            continue
+        text = squash(" ".join(lines))
+        if text.lower().startswith(("new in version", "changed in version", "deprecated since")):
+            continue
+        if len(text) <= max_chars:
+            return text
+        cut = ""
+        for sentence_end in _sentence_ends(text):
+            if sentence_end > max_chars:
+                break
+            cut = text[:sentence_end]
+        return cut
+    return ""
+
+
+def _sentence_ends(text):
+    """Offsets just past each sentence end: [.!?] followed by whitespace and an uppercase/quote/paren/digit, or the
+    end of the text, not after an abbreviation like e.g."""
+    for m in re.finditer(r"[.!?](?=\s|$)", text):
+        end = m.end()
+        word = text[:end].split()[-1].lower().lstrip("(`'\"")
+        if word in _ABBREV:
+            continue
+        rest = text[end:].lstrip()
+        if rest and not (rest[0].isupper() or rest[0] in "`'\"(*0123456789"):
+            continue
+        yield end
+    yield len(text)
+
+
+def first_sentence(doc):
+    par = first_paragraph(doc, max_chars=10 ** 9)
+    return par[:next(_sentence_ends(par))] if par else ""
+
 
 # -----------------------------------------------------------------------------
 # the harvest

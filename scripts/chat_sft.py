@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, lr_multiplier,
-                             get_dist_info, synchronize, get_peak_flops, repo_dir, compile_and_wrap)
+                             get_dist_info, synchronize, get_peak_flops, repo_dir, compile_and_wrap,
+                             add_checkpoint_args)
 
 
 # -----------------------------------------------------------------------------
@@ -34,10 +35,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_au
 def build_parser(description, default_source="base", default_data="builtin"):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # which model to start from
-    parser.add_argument("--source", type=str, default=default_source, choices=["base", "mid", "sft", "rag", "refrag"],
-                        help="checkpoint stage to fine-tune")
-    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag to load (None: the newest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (None: the last)")
+    add_checkpoint_args(parser, default_source)
     parser.add_argument(*dual("block-pattern"), type=str, default=None,
                         help="expected block pattern (e.g. TTMM); a checkpoint with another pattern is refused")
     parser.add_argument(*dual("output-tag"), type=str, default=None, help="model tag to save under (None: the loaded tag)")

@@ -47,7 +47,8 @@ import contextlib
 from collections import Counter
 
 from nanochat.common import repo_dir, builtin_dir, atomic_path, print0
-from nanochat.stdlib_docs import harvest, is_eval_module, record_split, top_level_modules
+from nanochat.stdlib_docs import (harvest, is_eval_module, record_split, top_level_modules, squash, SIG_LINE,
+                                  UNDERLINE, paragraphs, prose, first_paragraph, first_sentence)
 from tasks.common import Task, exact_match, token_f1, strip_citations, assistant_text, check_choice
 from tasks.customjson import read_conversations_jsonl
 
@@ -64,107 +65,13 @@ def _h(*parts):
     return hashlib.sha1("\x00".join(parts).encode("utf-8")).hexdigest()
 
 
-def _squash(text):
-    return " ".join(text.split())
-
 # -----------------------------------------------------------------------------
 # reading docstrings
 
-_SIG_LINE = re.compile(r"^[A-Za-z_][\w.]*\(.*\)\s*(->.*)?$")
-_UNDERLINE = re.compile(r"^[=\-~*^#+]{3,}$")
-_ABBREV = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "approx.", "resp.", "no.")
 _DANGLING = {"the", "a", "an", "of", "to", "and", "or", "by", "with", "for", "in", "is", "are", "from", "as"}
 _BOILERPLATE = ("initialize self", "return repr(self)", "create and return a new object", "helper for pickle",
                 "implement ", "see help(", "deprecated", "alias for", "this method is deprecated", "not implemented",
                 "documentation for", "xxx", "todo", "internal", "private", "for internal use", "used internally")
-
-
-def paragraphs(doc):
-    """Blank-line separated paragraphs (lists of lines, original indentation kept)."""
-    out, cur = [], []
-    for line in doc.splitlines():
-        if line.strip():
-            cur.append(line)
-        elif cur:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return out
-
-
-def prose(doc, max_chars=700):
-    """The leading prose of a long text (a language-reference topic): its prose paragraphs in order, up to
-    max_chars, skipping headings, indented grammar/code blocks, signature lines, and the sentences that lead into a
-    block ("... is equivalent to"), except the first one, whose colon becomes a full stop."""
-    pars, out = paragraphs(doc), []
-    for k, par in enumerate(pars):
-        if len(par) >= 2 and _UNDERLINE.match(par[1].strip()) or _UNDERLINE.match(par[0].strip()):
-            continue
-        if par[0].startswith((" ", "\t")) or par[0].lstrip().startswith((">>>", "-", "*")):
-            continue
-        if re.match(r"[\w.]+\(", par[0].strip()):  # a signature header: "object.__add__(self, other)"
-            continue
-        text = _squash(" ".join(par))
-        if text.lower().startswith(("new in version", "changed in version", "see also")):
-            continue
-        leads_into_block = text.endswith(":") or (k + 1 < len(pars) and pars[k + 1][0].startswith((" ", "\t")))
-        if leads_into_block:
-            if out or not text.endswith(":"):
-                continue
-            text = text[:-1] + "."
-        if out and len("\n\n".join(out)) + 2 + len(text) > max_chars:
-            break
-        text = text if len(text) <= max_chars else first_paragraph(text, max_chars)
-        if text:
-            out.append(text)
-    return "\n\n".join(out)
-
-
-def first_paragraph(doc, max_chars=600):
-    """The first prose paragraph, whitespace-squashed: leading signature lines ("len(obj) -> int"), headings
-    ("ast\\n~~~"), indented blocks (grammar, code) and version notes are skipped; long ones are cut at a sentence
-    end within max_chars (or "" if there is none)."""
-    for par in paragraphs(doc):
-        lines = list(par)
-        while lines and (_SIG_LINE.match(lines[0].strip()) or _UNDERLINE.match(lines[0].strip())):
-            lines.pop(0)
-        if len(lines) >= 2 and _UNDERLINE.match(lines[1].strip()):  # a heading
-            continue
-        if not lines or lines[0].startswith((" ", "\t")) or lines[0].lstrip().startswith((">>>", "..", "-", "*")):
-            continue
-        text = _squash(" ".join(lines))
-        if text.lower().startswith(("new in version", "changed in version", "deprecated since")):
-            continue
-        if len(text) <= max_chars:
-            return text
-        cut = ""
-        for sentence_end in _sentence_ends(text):
-            if sentence_end > max_chars:
-                break
-            cut = text[:sentence_end]
-        return cut
-    return ""
-
-
-def _sentence_ends(text):
-    """Offsets just past each sentence end: [.!?] followed by whitespace and an uppercase/quote/paren/digit, or the
-    end of the text, not after an abbreviation like e.g."""
-    for m in re.finditer(r"[.!?](?=\s|$)", text):
-        end = m.end()
-        word = text[:end].split()[-1].lower().lstrip("(`'\"")
-        if word in _ABBREV:
-            continue
-        rest = text[end:].lstrip()
-        if rest and not (rest[0].isupper() or rest[0] in "`'\"(*0123456789"):
-            continue
-        yield end
-    yield len(text)
-
-
-def first_sentence(doc):
-    par = first_paragraph(doc, max_chars=10 ** 9)
-    return par[:next(_sentence_ends(par))] if par else ""
 
 
 def _desc_answer(rec):
@@ -174,7 +81,7 @@ def _desc_answer(rec):
     if not 20 <= len(s) <= 220 or len(words) < 4:
         return ""
     low = s.lower()
-    if low.startswith(_BOILERPLATE) or s.endswith(":") or ">>>" in s or "->" in s or _SIG_LINE.match(s):
+    if low.startswith(_BOILERPLATE) or s.endswith(":") or ">>>" in s or "->" in s or SIG_LINE.match(s):
         return ""
     if words[-1].lower() in _DANGLING:  # a sentence cut short in the docstring itself ("a clone of the")
         return ""
@@ -218,7 +125,7 @@ def kb_document(rec, doc_chars=KB_DOC_CHARS):
 
 def contains_answer(doc, answer):
     """Whitespace-insensitive: KB docstrings keep their line breaks, answers are squashed to one line."""
-    return _squash(answer) in _squash(doc["title"] + "\n" + doc["content"])
+    return squash(answer) in squash(doc["title"] + "\n" + doc["content"])
 
 # -----------------------------------------------------------------------------
 # questions
@@ -320,7 +227,7 @@ def _conversation_text(conv):
 
 def _topic_title(doc):
     pars = paragraphs(doc)
-    if not pars or len(pars[0]) < 2 or not _UNDERLINE.match(pars[0][1].strip()):
+    if not pars or len(pars[0]) < 2 or not UNDERLINE.match(pars[0][1].strip()):
         return ""
     title = pars[0][0].strip()
     return title if title[1:2].isupper() else title[0].lower() + title[1:]  # "Assignment statements" -> "assign..."
