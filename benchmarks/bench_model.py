@@ -11,7 +11,8 @@ Sections:
 - train: full training steps (forward, backward, Muon+AdamW) of a 12-layer, 768-wide model at seq 2048,
   torch.compile + bf16, for all-T, all-M, alternating TM, and 1-in-4 attention (MMMT x3); the M patterns with
   the Triton path (mamba-ssm kernels) and the pure-torch path. tokens/s, MFU (GPT.estimate_flops, which counts
-  attention and the SSD scan), and the ratio to all-T.
+  attention and the SSD scan), and the ratio to all-T. Compiled, --scan-ops auto,0 times the M patterns with the
+  scan as a custom op in the graph and with a graph break at each scan, side by side.
 - decode: prefill a random prompt of 2k/8k/32k tokens, then 64 decode steps at batch 1 with the Engine's cache;
   decode tokens/s and cache bytes for all-T vs the 1-in-4 hybrid.
 - memory: activation bytes one Mamba2 layer (torch path) keeps for backward, with the scan's intermediates
@@ -66,11 +67,18 @@ def bench_train(args):
         impls = [i for i in ("triton", "torch") if i in args.impls.split(",")] if "M" in pattern else ["-"]
         if args.small:
             pattern = pattern[:4]
-        for impl in impls:
+        # under compile, the M patterns once per scan form: the custom op inside the graph (auto) and/or a graph
+        # break at each scan (0, the form measured before 2026-12-03)
+        scan_ops = args.scan_ops.split(",") if ("M" in pattern and args.compile) else ["-"]
+        for impl, scan_op in [(i, o) for i in impls for o in scan_ops]:
             if impl == "triton" and device_type != "cuda":
                 continue
             if impl != "-":
                 os.environ["NANOCHAT_MAMBA_IMPL"] = impl
+            if scan_op != "-":
+                os.environ["NANOCHAT_MAMBA_SCAN_OP"] = scan_op
+            if args.compile:
+                torch._dynamo.reset()  # a fresh cache per row (else the recompile limit can silently fall back to eager)
             try:
                 torch.manual_seed(0)
                 model = make_model(pattern, args, args.seq_len)
@@ -100,28 +108,30 @@ def bench_train(args):
                 dt = (time.time() - t0) / args.steps
                 tok_s = args.batch_size * args.seq_len / dt
                 mfu = 100 * model.estimate_flops() * tok_s / peak if peak else None
-                rows.append(dict(pattern=name, blocks=pattern, mamba_impl=impl, tokens_per_s=tok_s, mfu=mfu,
+                rows.append(dict(pattern=name, blocks=pattern, mamba_impl=impl, scan_op=scan_op, tokens_per_s=tok_s, mfu=mfu,
                                  step_ms=1000 * dt, loss=loss.item(),
                                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None))
             except Exception as e:  # one failing configuration must not hide the others
-                rows.append(dict(pattern=name, blocks=pattern, mamba_impl=impl, error=f"{type(e).__name__}: {e}"[:300]))
+                rows.append(dict(pattern=name, blocks=pattern, mamba_impl=impl, scan_op=scan_op, error=f"{type(e).__name__}: {e}"[:300]))
             finally:
                 os.environ.pop("NANOCHAT_MAMBA_IMPL", None)
+                os.environ.pop("NANOCHAT_MAMBA_SCAN_OP", None)
                 if device_type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
             print(rows[-1], flush=True)
     base = next((r["tokens_per_s"] for r in rows if r["pattern"] == "all-T" and "tokens_per_s" in r), None)
     print(f"\n### training, n_embd {args.n_embd}, seq {args.seq_len}, batch {args.batch_size}, compile={args.compile}, {args.device_name}")
-    print("| pattern | blocks | Mamba path | tokens/s | MFU % | step ms | vs all-T |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pattern | blocks | Mamba path | scan under compile | tokens/s | MFU % | step ms | vs all-T |")
+    print("|---|---|---|---|---|---|---|---|")
+    scan_name = {"-": "-", "auto": "custom op", "1": "custom op", "0": "graph break"}
     for r in rows:
         if "error" in r:
-            print(f"| {r['pattern']} | {r['blocks']} | {r['mamba_impl']} | error: {r['error'][:80]} | | | |")
+            print(f"| {r['pattern']} | {r['blocks']} | {r['mamba_impl']} | {scan_name[r['scan_op']]} | error: {r['error'][:80]} | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         mfu = f"{r['mfu']:.1f}" if r["mfu"] is not None else "-"
-        print(f"| {r['pattern']} | {r['blocks']} | {r['mamba_impl']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['step_ms']:.1f} | {ratio} |")
+        print(f"| {r['pattern']} | {r['blocks']} | {r['mamba_impl']} | {scan_name[r['scan_op']]} | {r['tokens_per_s']:,.0f} | {mfu} | {r['step_ms']:.1f} | {ratio} |")
     return rows
 
 
@@ -225,6 +235,8 @@ def main():
     parser.add_argument(*dual("decode-steps"), type=int, default=64)
     parser.add_argument("--patterns", default="", help="comma-separated subset of: " + ", ".join(PATTERNS))
     parser.add_argument("--impls", default="triton,torch", help="Mamba paths to time: triton,torch")
+    parser.add_argument("--scan-ops", default="auto", help="with --compile 1, the scan forms to time for M patterns: "
+                        "auto (custom op inside the graph), 0 (graph break at the scan), or both: auto,0")
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

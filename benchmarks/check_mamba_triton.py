@@ -136,10 +136,12 @@ u = torch.randn(B, T, C, device=device, generator=gen)
 dy = torch.randn(B, T, C, device=device, generator=gen)
 
 
-def fwd_bwd(module, impl=None):
-    """bf16-autocast forward + backward; returns (y, u.grad, {param name: grad})."""
+def fwd_bwd(module, impl=None, scan_op="auto"):
+    """bf16-autocast forward + backward; returns (y, u.grad, {param name: grad}). scan_op=1: through the
+    nanochat::ssd_scan custom op (what torch.compile runs) even eagerly."""
     if impl is not None:
         set_impl(impl)
+    os.environ["NANOCHAT_MAMBA_SCAN_OP"] = scan_op
     module.zero_grad(set_to_none=True)
     x = u.clone().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -159,7 +161,20 @@ for name, module, impl in [("ours_torch", ours, "torch"), ("ours_triton", ours, 
         outs[name] = fwd_bwd(module, impl)
     except Exception as e:
         record_error(f"fwd+bwd {name}", e, optional=name == "mamba_ssm_memeff")
-pairs = [("ours_triton", "ours_torch"), ("mamba_ssm", "ours_torch"), ("mamba_ssm", "ours_triton"), ("mamba_ssm_memeff", "ours_triton")]
+for name, impl in [("ours_triton_op", "triton"), ("ours_torch_op", "torch")]:  # the custom-op forms, eager
+    try:
+        outs[name] = fwd_bwd(ours, impl, scan_op="1")
+    except Exception as e:
+        record_error(f"fwd+bwd {name}", e)
+try:  # the whole layer compiled (auto: the scan goes through the custom op)
+    torch._dynamo.reset()
+    outs["ours_triton_compiled"] = fwd_bwd(torch.compile(ours), "triton")
+except Exception as e:
+    record_error("fwd+bwd ours_triton_compiled", e)
+os.environ["NANOCHAT_MAMBA_SCAN_OP"] = "auto"
+pairs = [("ours_triton", "ours_torch"), ("mamba_ssm", "ours_torch"), ("mamba_ssm", "ours_triton"), ("mamba_ssm_memeff", "ours_triton"),
+         ("ours_triton_op", "ours_triton"), ("mamba_ssm", "ours_triton_op"), ("ours_torch_op", "ours_torch"),
+         ("mamba_ssm", "ours_triton_compiled")]
 for a, b in pairs:
     if a not in outs or b not in outs:
         continue
@@ -366,9 +381,14 @@ section(f"3. timing one layer (bf16 autocast; wall = CUDA events, median of {arg
         f"gpu = kernel time from torch.profiler)")
 for name, module, impl in [("ours_torch", ours, "torch"), ("ours_triton", ours, "triton")] + [(n, m, None) for n, m in refs.items()]:
     measure(f"{name} fwd+bwd", train_step_fn(module, impl), optional=name == "mamba_ssm_memeff")
-# the way the GPT trains: the whole layer under torch.compile, the scan kept out of the graph
+# the way the GPT trains: the whole layer under torch.compile, the scan as a custom op inside the graph (default)
+# or kept out of it by compiler.disable (NANOCHAT_MAMBA_SCAN_OP=0: a graph break at the scan)
 set_impl("triton")
-measure("ours_triton+compile fwd+bwd", train_step_fn(torch.compile(ours), "triton"))
+for label, mode in [("scan op", "auto"), ("graph break", "0")]:
+    os.environ["NANOCHAT_MAMBA_SCAN_OP"] = mode
+    torch._dynamo.reset()
+    measure(f"ours_triton+compile ({label}) fwd+bwd", train_step_fn(torch.compile(ours), "triton"))
+os.environ["NANOCHAT_MAMBA_SCAN_OP"] = "auto"
 
 for impl in ["torch", "triton"]:
     st = new_state(B)

@@ -16,8 +16,9 @@ Two implementations of the scan, same weights, chosen at call time by NANOCHAT_M
     package modules are registered for mamba_ssm, mamba_ssm.ops, mamba_ssm.ops.triton and mamba_ssm.utils, so a
     later `import mamba_ssm.modules.mamba2` works too, but `mamba_ssm.Mamba2` (from the real __init__) does not.
   auto = triton when the input is on CUDA (and not float64) and the kernels import, else torch.
-The scan and the decode step run outside torch.compile graphs (torch.compiler.disable); the rest compiles, and
-under torch.compile the depthwise conv takes a shifted-sum form that Inductor fuses (see causal_conv_silu).
+Under torch.compile the training scan is a custom op (nanochat::ssd_scan, NANOCHAT_MAMBA_SCAN_OP=auto|0|1), so the
+graph does not break at M layers; prefill with states and the decode step run outside the graph
+(torch.compiler.disable). The depthwise conv takes a shifted-sum form there that Inductor fuses (causal_conv_silu).
 
 Usage:
     from nanochat.mamba import Mamba2
@@ -216,12 +217,13 @@ def mamba_flops_per_token(d_model, d_state=128, expand=2, headdim=64, ngroups=1,
 # -----------------------------------------------------------------------------
 # mamba-ssm's Triton kernels, imported without executing mamba_ssm/__init__.py
 
-_TRITON_OPS = None  # (mamba_chunk_scan_combined, selective_state_update) once loaded
+_TRITON_OPS = None  # (mamba_chunk_scan_combined, selective_state_update, its forward, its backward) once loaded
 _TRITON_ERROR = None  # why they could not be loaded
 
 
 def _load_triton_ops():
-    """Returns (mamba_chunk_scan_combined, selective_state_update) or None; on failure the reason is kept."""
+    """Returns (mamba_chunk_scan_combined, selective_state_update, _mamba_chunk_scan_combined_fwd,
+    _mamba_chunk_scan_combined_bwd) or None; on failure the reason is kept."""
     global _TRITON_OPS, _TRITON_ERROR
     if _TRITON_OPS is not None or _TRITON_ERROR is not None:
         return _TRITON_OPS
@@ -245,7 +247,8 @@ def _load_triton_ops():
                     sys.modules[name] = mod
         ssd_combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
         ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
-        _TRITON_OPS = (ssd_combined.mamba_chunk_scan_combined, ssu.selective_state_update)
+        _TRITON_OPS = (ssd_combined.mamba_chunk_scan_combined, ssu.selective_state_update,
+                       ssd_combined._mamba_chunk_scan_combined_fwd, ssd_combined._mamba_chunk_scan_combined_bwd)
     except Exception as e:  # any failure just means "no Triton path"; keep the reason for the error message
         _TRITON_ERROR = f"{type(e).__name__}: {e}"
     return _TRITON_OPS
@@ -322,6 +325,79 @@ def _recompute_scan(x):
     if not (torch.is_grad_enabled() and x.requires_grad):
         return False
     return mode == "1" or (mode == "auto" and x.is_cuda)
+
+
+# -----------------------------------------------------------------------------
+# The training scan as a custom op (nanochat::ssd_scan and its backward nanochat::ssd_scan_bwd). torch.compile
+# treats a custom op as one opaque node with a known output shape, so the compiled graph runs through every M
+# layer instead of breaking at each compiler.disable'd call (measured: with a break per M layer the compiled 1-in-4
+# hybrid trained at 0.54x all-T on an H100, benchmarks/RESULTS.md). The forward keeps only the scan's inputs and
+# output; the backward recomputes what it needs: mamba-ssm's own backward on the Triton path, and on the torch
+# path a torch.func.vjp of the chunked scan (autograd proper is switched off inside an op's implementation).
+# Only the state-free (training) call goes through it; prefill with states keeps _scan.
+
+
+def _use_scan_op():
+    """NANOCHAT_MAMBA_SCAN_OP=auto|0|1. auto = on under torch.compile, off eagerly (where there is no graph to
+    break, and the torch path's stored-intermediates backward is faster on CPU)."""
+    mode = os.environ.get("NANOCHAT_MAMBA_SCAN_OP", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"NANOCHAT_MAMBA_SCAN_OP={mode!r}: expected auto, 0 or 1")
+    return mode == "1" or (mode == "auto" and torch.compiler.is_compiling())
+
+
+@torch.library.custom_op("nanochat::ssd_scan", mutates_args=())
+def ssd_scan_op(x: torch.Tensor, dt_raw: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor, dt_bias: torch.Tensor, dt_min: float, dt_max: float, chunk_size: int) -> torch.Tensor:
+    """y (b, l, h, p) in x's dtype, contiguous, of the state-free chunked scan (dt_raw before softplus(dt + dt_bias))."""
+    if resolve_impl(x.device, x.dtype) == "triton":
+        fwd = _load_triton_ops()[2]
+        out = fwd(x, dt_raw, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=(dt_min, dt_max))[0]
+    else:
+        out = _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, (dt_min, dt_max), chunk_size, None)[0]
+    return out.to(x.dtype).contiguous()
+
+
+@ssd_scan_op.register_fake
+def _ssd_scan_fake(x, dt_raw, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("nanochat::ssd_scan_bwd", mutates_args=())
+def ssd_scan_bwd_op(dout: torch.Tensor, x: torch.Tensor, dt_raw: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, out: torch.Tensor, dt_min: float,
+                    dt_max: float, chunk_size: int) -> list[torch.Tensor]:
+    """Gradients of ssd_scan_op's output with respect to (x, dt_raw, A, B, C, D, dt_bias), in their dtypes."""
+    inputs = (x, dt_raw, A, B, C, D, dt_bias)
+    if resolve_impl(x.device, x.dtype) == "triton":
+        bwd = _load_triton_ops()[3]
+        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = bwd(dout, x, dt_raw, A, B, C, out, chunk_size, D=D, dt_bias=dt_bias,
+                                                      dt_softplus=True, dt_limit=(dt_min, dt_max))
+        grads = (dx, ddt, dA, dB, dC, dD, ddt_bias)
+    else:
+        scan = lambda *t: _discretized_scan(*t, (dt_min, dt_max), chunk_size, None)[0]
+        _, vjp = torch.func.vjp(scan, *inputs)
+        grads = vjp(dout.to(out.dtype))
+    return [g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
+
+
+@ssd_scan_bwd_op.register_fake
+def _ssd_scan_bwd_fake(dout, x, dt_raw, A, B, C, D, dt_bias, out, dt_min, dt_max, chunk_size):
+    return [t.new_empty(t.shape) for t in (x, dt_raw, A, B, C, D, dt_bias)]
+
+
+def _ssd_scan_setup_context(ctx, inputs, output):
+    x, dt_raw, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size = inputs
+    ctx.save_for_backward(x, dt_raw, A, B, C, D, dt_bias, output)
+    ctx.args = (dt_min, dt_max, chunk_size)
+
+
+def _ssd_scan_backward(ctx, dout):
+    grads = ssd_scan_bwd_op(dout.contiguous(), *ctx.saved_tensors, *ctx.args)
+    return (*grads, None, None, None)
+
+
+ssd_scan_op.register_autograd(_ssd_scan_backward, setup_context=_ssd_scan_setup_context)
 
 
 @torch.compiler.disable
@@ -504,10 +580,13 @@ class Mamba2(nn.Module):
             xBC = causal_conv_silu(xBC, self.conv1d.weight, self.conv1d.bias,
                                    prefix=None if state is None else conv_state[:, :, 1:])
             x, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-            y, final_state = _scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
-                                   Bm.unflatten(-1, (self.ngroups, self.d_state)), Cm.unflatten(-1, (self.ngroups, self.d_state)),
-                                   self.D, self.dt_bias, self.dt_limit, self.chunk_size,
-                                   initial_state=None if state is None else ssm_state)
+            x, Bm, Cm = x.unflatten(-1, (self.nheads, self.headdim)), Bm.unflatten(-1, (self.ngroups, self.d_state)), \
+                Cm.unflatten(-1, (self.ngroups, self.d_state))
+            if state is None and _use_scan_op():
+                y = ssd_scan_op(x, dt, A, Bm, Cm, self.D, self.dt_bias, *map(float, self.dt_limit), self.chunk_size)
+            else:
+                y, final_state = _scan(x, dt, A, Bm, Cm, self.D, self.dt_bias, self.dt_limit, self.chunk_size,
+                                       initial_state=None if state is None else ssm_state)
             if state is not None:
                 with torch.no_grad():
                     conv_state.copy_(history[..., -self.d_conv:])  # last d_conv inputs, oldest first (zero-padded)

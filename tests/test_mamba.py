@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.mamba import Mamba2, ssd_chunked, ssd_sequential, mamba_flops_per_token, resolve_impl, causal_conv_silu
+from nanochat.mamba import (Mamba2, ssd_chunked, ssd_sequential, mamba_flops_per_token, resolve_impl, causal_conv_silu,
+                            ssd_scan_op, _discretized_scan)
 
 F64 = torch.float64
 
@@ -416,8 +417,58 @@ class TinyNet(nn.Module):
         return self.head(u + self.mixer(torch.nn.functional.rms_norm(u, (32,))))
 
 
+# -----------------------------------------------------------------------------
+# the scan as a custom op (what torch.compile sees)
+
+
+@pytest.mark.parametrize("l,Q,dt_limit", [(37, 8, (0.0, math.inf)), (64, 16, (0.05, 0.4)), (5, 16, (0.0, math.inf))])
+def test_scan_op_matches_direct_scan_and_grads(l, Q, dt_limit):
+    # the op (forward and its registered backward: torch.func.vjp of the chunked scan) against autograd through
+    # the chunked scan itself, float64
+    x, dt, A, B, C, D, _ = random_scan_inputs(2, l, 4, 3, 2, 5)
+    dt_raw = torch.log(torch.expm1(dt)) - 0.1  # so that softplus(dt_raw + dt_bias) is the sampled dt
+    dt_bias = torch.full((4,), 0.1, dtype=F64)
+    ins = [t.clone().requires_grad_(True) for t in (x, dt_raw, A, B, C, D, dt_bias)]
+    ref_ins = [t.clone().requires_grad_(True) for t in (x, dt_raw, A, B, C, D, dt_bias)]
+    y = ssd_scan_op(*ins, float(dt_limit[0]), float(dt_limit[1]), Q)
+    y_ref = _discretized_scan(*ref_ins, dt_limit, Q, None)[0]
+    assert y.is_contiguous() and y.dtype == x.dtype
+    assert max_err(y, y_ref) <= 1e-12
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    (y * w).sum().backward()
+    (y_ref * w).sum().backward()
+    for name, a, b in zip(["x", "dt_raw", "A", "B", "C", "D", "dt_bias"], ins, ref_ins):
+        assert a.grad is not None and max_err(a.grad, b.grad) <= 1e-10 * max(1.0, b.grad.abs().max().item()), name
+
+
+def test_scan_op_opcheck():
+    # torch.library's own consistency checks: schema, fake (meta) kernel vs real output, autograd registration,
+    # and AOT dispatch (what torch.compile runs)
+    x, dt, A, B, C, D, _ = random_scan_inputs(1, 20, 2, 4, 1, 3, dtype=torch.float32)
+    args = (x.requires_grad_(), dt.requires_grad_(), A.requires_grad_(), B, C, D.requires_grad_(),
+            torch.zeros(2, requires_grad=True), 0.0, math.inf, 8)
+    torch.library.opcheck(ssd_scan_op, args)
+
+
+def test_scan_op_env(monkeypatch):
+    torch.manual_seed(0)
+    m = Mamba2(d_model=16, d_state=4, headdim=8, chunk_size=8)
+    u = torch.randn(2, 11, 16)
+    y0 = m(u)
+    monkeypatch.setenv("NANOCHAT_MAMBA_SCAN_OP", "1")  # eager through the op: same numbers
+    assert max_err(m(u), y0) <= 1e-6
+    monkeypatch.setenv("NANOCHAT_MAMBA_SCAN_OP", "yes")
+    with pytest.raises(ValueError, match="NANOCHAT_MAMBA_SCAN_OP"):
+        m(u)
+
+
 @pytest.mark.slow
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("scan_op,fullgraph", [("auto", True), ("0", False)])
+def test_torch_compile_matches_eager(monkeypatch, scan_op, fullgraph):
+    # auto: the scan is a custom op, so the layer compiles as one graph (fullgraph=True raises on any graph break,
+    # and does with NANOCHAT_MAMBA_SCAN_OP=0); 0: the compiler.disable'd scan, a graph break, must still be right
+    monkeypatch.setenv("NANOCHAT_MAMBA_SCAN_OP", scan_op)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     net = TinyNet()
     u = torch.randn(2, 19, 32)
@@ -425,7 +476,7 @@ def test_torch_compile_matches_eager():
     y_eager.square().sum().backward()
     grads_eager = {k: p.grad.clone() for k, p in net.named_parameters()}
     net.zero_grad(set_to_none=True)
-    compiled = torch.compile(net)
+    compiled = torch.compile(net, fullgraph=fullgraph)
     y_comp = compiled(u)
     y_comp.square().sum().backward()
     assert max_err(y_comp, y_eager) <= 1e-5
