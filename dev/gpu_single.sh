@@ -31,16 +31,16 @@ step() { local name=$1; shift; local t0=$SECONDS
          tar czf "$OUT/logs_${PHASE}.tgz" -C "$LOGS" . 2>/dev/null; return $rc; }  # after every step: a killed call still returns them
 if [ "${SMALL:-0}" = 1 ]; then
     D="--depth 2 --aspect-ratio 32 --head-dim 32 --mamba-d-state 16 --mamba-headdim 16 --mamba-chunk-size 32"
-    HYB=TM; ALLT=TT; SEQ=128; DBS=4; TBS=1024; IT=6; VOCAB=1024; SRC=""; COMPILE=0; EV=10; RSEQ=256; BSMALL=--small
+    HYB=TM; ALLT=TT; SEQ=128; DBS=4; TBS=1024; IT=6; VOCAB=1024; SRC=""; COMPILE=0; EV=10; RSEQ=256; BSMALL=--small; QA=
 else
     D="--depth 8 --aspect-ratio 64 --head-dim 128"
     HYB=MMMTMMMT; ALLT=TTTTTTTT; SEQ=2048; DBS=32; TBS=262144; IT=${IT:-300}; VOCAB=16384
-    SRC="--with-source --site-packages --max-chars 3e8"; COMPILE=1; EV=200; RSEQ=1024; BSMALL=
+    SRC="--with-source --site-packages --max-chars 3e8"; COMPILE=1; EV=200; RSEQ=1024; BSMALL=; QA="--max-train 6000 --max-docs 8000"  # all the train questions (2,800 overfit in 10 epochs)
 fi
 data() {  # offline real text, QA + KB, tokenizer; skipped when already built on this machine
     if [ -f "$B/kb/kb.json" ] && ls "$NANOCHAT_BASE_DIR"/tokenizer/* >/dev/null 2>&1 && [ "${FORCE:-0}" != 1 ]; then
         echo "== data: already built" | tee -a "$S"; return 0; fi
-    step data bash -c "python3 -m nanochat.dataset --builtin $SRC --output $B/corpus && python3 -m tasks.stdlib_qa --output $B --doc-chars 600 \
+    step data bash -c "python3 -m nanochat.dataset --builtin $SRC --output $B/corpus && python3 -m tasks.stdlib_qa --output $B --doc-chars 600 $QA \
         && python3 -m scripts.tok_train --vocab-size $VOCAB --max-chars 5e7 --data-dir $B/corpus \
         && python3 -m nanochat.retrieval --documents $B/kb_documents.jsonl --output $B/kb --type bm25"; }
 COMMON="$D --max-seq-len $SEQ --device-batch-size $DBS --total-batch-size $TBS --data-dir $B/corpus \
@@ -59,7 +59,7 @@ rag() {
     step sft python3 -m scripts.chat_sft --source base --model-tag hybrid --data builtin --num-epochs 2 --device-batch-size 32 \
         --max-seq-len 512 --eval-every 20 --eval-steps 4 --compile 0 --log-every 10 --init-lr-frac 0.5
     RAG="--knowledge-base $B/kb --top-k 3 --device-batch-size 16 --max-seq-len $RSEQ --eval-steps 4 --log-every 20 --compile $COMPILE"
-    step rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid --num-epochs ${RAG_EPOCHS:-2} --eval-every 100 --init-lr-frac 0.5 $RAG
+    step rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid --num-epochs ${RAG_EPOCHS:-4} --eval-every 25 --keep-best --init-lr-frac 0.5 $RAG
     step sft_same_tokens python3 -m scripts.chat_sft --source sft --model-tag hybrid --output-tag sftref --data builtin \
         --num-iterations 60 --eval-every 1000 --device-batch-size 16 --max-seq-len $RSEQ --log-every 20 --compile $COMPILE
     TAILN=25 step rag_eval python3 -m scripts.rag_eval --source rag --model-tag hybrid --top-k 3 --max-examples $EV --max-new-tokens 48; }

@@ -63,6 +63,10 @@ def build_parser(description, default_source="base", default_data="builtin"):
     parser.add_argument(*dual("eval-every"), type=int, default=100, help="val loss every N steps (and at the end)")
     parser.add_argument(*dual("eval-steps"), type=int, default=20, help="val batches per evaluation")
     parser.add_argument(*dual("save-every"), type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    parser.add_argument(*dual("keep-best"), action="store_true",
+                        help="the final checkpoint gets the weights of the evaluation with the lowest val loss (kept in "
+                             "CPU memory by rank 0, since the start or --resume; meta records best_step). Against overfitting a small QA set: "
+                             "measured on an H200, 10 RAG epochs took val loss 2.82 -> 0.62 at epoch 2.5 -> 0.88")
     parser.add_argument(*dual("log-every"), type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint of the output tag")
     parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
@@ -268,6 +272,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
         reset_log(stage, keep_until=start_step or None)
     step = start_step
     val_loss = first_val = None
+    best = None  # --keep-best: (val loss, step, weights on CPU), tracked since this (re)start
     train_loss_f = float("nan")
     timed_tokens, timed_time, total_time = 0, 0.0, 0.0
     while True:
@@ -280,12 +285,19 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
             print0(f"step {step:05d} | val loss {val_loss:.4f}")
             log_step(stage, dict(step=step, val=val_loss, val_name="val loss"))
             orig_model.train()
+            if args.keep_best and master and (best is None or val_loss < best[0]):
+                best = (val_loss, step, {k: v.detach().to("cpu", copy=True) for k, v in orig_model.state_dict().items()})
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            state, extra = orig_model.state_dict(), {}
+            if last_step and best is not None:  # the weights of the best evaluation (intermediate saves stay as is, for resume)
+                state, extra = best[2], dict(best_step=best[1], best_val_loss=best[0], last_val_loss=val_loss)
+                print0(f"--keep-best: saving the weights of step {best[1]} (val loss {best[0]:.4f}; last {val_loss:.4f})")
             meta = make_meta(orig_model, tokenizer, step, user_config=vars(args),
                              dataloader_states=gather_loader_states(consumed_state),
-                             model_tag=out_tag, val_loss=val_loss, stage=stage,
-                             parent=dict(source=args.source, model_tag=meta_in["model_tag"], step=meta_in.get("step")))
-            save_checkpoint(ckpt_dir, step, orig_model.state_dict(), [o.state_dict() for o in optimizers], meta, rank=rank)
+                             model_tag=out_tag, val_loss=best[0] if extra else val_loss, stage=stage,
+                             parent=dict(source=args.source, model_tag=meta_in["model_tag"], step=meta_in.get("step")),
+                             **extra)
+            save_checkpoint(ckpt_dir, step, state, [o.state_dict() for o in optimizers], meta, rank=rank)
         if last_step:
             break
 
@@ -333,6 +345,8 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
                    final_train_loss=round(train_loss_f, 4), first_val_loss=first_val, final_val_loss=val_loss,
                    step_time_ms=round(1000 * timed_time / max(1, step - start_step - 2), 1) if timed_time else None,
                    tokens_per_s=round(tok_per_s, 1))
+    if best is not None:
+        figures.update(best_step=best[1], best_val_loss=best[0])
     if peak:
         figures["mfu_percent"] = round(100 * flops_per_token * tok_per_s / (peak * world_size), 2)
     print0(f"{stage} done: {num_iterations} steps in {total_time:.1f} s; val loss {first_val} -> {val_loss}")

@@ -1,6 +1,7 @@
 """
 scripts/chat_sft.py: packing puts -1 on every non-assistant target, SFT on the shipped conversations lowers
-the val loss, --resume continues exactly, and a 2-process torchrun (gloo) completes.
+the val loss, --resume continues exactly, a 2-process torchrun (gloo) completes, and --keep-best saves the
+weights of the lowest val loss.
 """
 
 import os
@@ -86,3 +87,28 @@ def test_chat_sft_torchrun_two_processes_and_resume(sft_env):
     assert len(meta["dataloader_states"]) == 2
     p = run_script(cmd + ["--resume"], env)
     assert p.stdout.count("saved checkpoint") == 1 and "2 processes" in p.stdout
+
+
+@pytest.mark.slow
+def test_chat_sft_keep_best_saves_the_lowest_val_loss_weights(sft_env):
+    # a learning rate far too high makes the val loss rise after the first evaluations; --keep-best must then
+    # write the weights of the best evaluation (equal to the intermediate checkpoint saved at that step)
+    from nanochat.checkpoint_manager import load_checkpoint
+    env, base = sft_env["env"], sft_env["base"]
+    run_script(SFT + ["--num-iterations", "12", "--eval-every", "4", "--eval-steps", "3", "--save-every", "4",
+                      "--init-lr-frac", "40", "--warmdown-ratio", "0", "--keep-best", "--output-tag", "best"], env)
+    vals = {r["step"]: r["val"] for r in read_log(base, "sft") if "val" in r}
+    best_step = min(vals, key=vals.get)
+    assert best_step < 12, f"the val loss did not rise, nothing to test: {vals}"
+    ckpt = os.path.join(base, "sft_checkpoints", "best")
+    final_state, _, meta = load_checkpoint(ckpt, 12, "cpu")
+    assert meta["best_step"] == best_step and meta["val_loss"] == pytest.approx(vals[best_step])
+    assert meta["last_val_loss"] == pytest.approx(vals[12])
+    if best_step > 0:
+        ref_state, _, _ = load_checkpoint(ckpt, best_step, "cpu")
+    else:  # step 0: the weights the run started from
+        ref_state, _, _ = load_checkpoint(os.path.join(base, "base_checkpoints", "tiny"), 30, "cpu")
+    assert final_state.keys() == ref_state.keys()
+    assert all(torch.equal(final_state[k], ref_state[k]) for k in ref_state)
+    last_state, _, _ = load_checkpoint(ckpt, 8, "cpu")
+    assert best_step == 8 or not all(torch.equal(final_state[k], last_state[k]) for k in ref_state)
