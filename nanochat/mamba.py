@@ -330,8 +330,9 @@ def _recompute_scan(x):
 # -----------------------------------------------------------------------------
 # The training scan as a custom op (nanochat::ssd_scan and its backward nanochat::ssd_scan_bwd). torch.compile
 # treats a custom op as one opaque node with a known output shape, so the compiled graph runs through every M
-# layer instead of breaking at each compiler.disable'd call (measured: with a break per M layer the compiled 1-in-4
-# hybrid trained at 0.54x all-T on an H100, benchmarks/RESULTS.md). The forward keeps only the scan's inputs and
+# layer instead of breaking at each compiler.disable'd call (measured on an H200 in one run, d12 at seq 2048: the
+# compiled 1-in-4 hybrid trains at 0.96x all-T's tokens/s this way, 0.67x with the breaks; benchmarks/RESULTS.md).
+# The forward keeps only the scan's inputs and
 # output; the backward recomputes what it needs: mamba-ssm's own backward on the Triton path, and on the torch
 # path a torch.func.vjp of the chunked scan (autograd proper is switched off inside an op's implementation).
 # Only the state-free (training) call goes through it; prefill with states keeps _scan.

@@ -65,8 +65,8 @@ def build_parser(description, default_source="base", default_data="builtin"):
     parser.add_argument(*dual("save-every"), type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
     parser.add_argument(*dual("keep-best"), action="store_true",
                         help="the final checkpoint gets the weights of the evaluation with the lowest val loss (kept in "
-                             "CPU memory by rank 0, since the start or --resume; meta records best_step). Against overfitting a small QA set: "
-                             "measured on an H200, 10 RAG epochs took val loss 2.82 -> 0.62 at epoch 2.5 -> 0.88")
+                             "CPU memory by rank 0, since the start or --resume; meta records best_step), for small "
+                             "QA sets that overfit (a 10-epoch RAG run on a GPU bottomed at epoch 2.5, benchmarks/RESULTS.md)")
     parser.add_argument(*dual("log-every"), type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint of the output tag")
     parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
