@@ -25,7 +25,7 @@
 #   NANOCHAT_BUILTIN_DIR  where the built-in corpus / KB documents / QA / KB go (<repo>/data/builtin)
 #   CORPUS_FLAGS        CPU corpus flags (--with-source: add the stdlib's .py source to its docs)
 #   SFT_EPOCHS SFT_DATA (builtin|smoltalk) SFT_BATCH SFT_SEQ       LR_FRAC  fine-tuning lr as a fraction of base lr
-#   RAG_EPOCHS RAG_TOP_K RETRIEVER (simple|bm25|dense|hybrid)       RAG_FLAGS rag_finetune flags (GPU: --keep-best, CPU: --no-raft)
+#   RAG_EPOCHS RAG_TOP_K RETRIEVER (simple|bm25|dense|hybrid)       RAG_FLAGS rag_finetune flags (GPU: --keep-best --p-no-gold 0.1, CPU: --no-raft)
 #   DOC_CHARS           cap on each built-in KB document's docstring (short documents fit a small context)
 #   KB_DOCS             a JSONL of your own documents for the KB (default: the built-in stdlib docs)
 #   EVAL_EXAMPLES       held-out questions for rag_eval     EVAL_EVERY  val loss every N steps   EVAL_TOKENS  per val bpb
@@ -77,7 +77,7 @@ if [ "$NGPU" -gt 0 ]; then
     MAMBA_D_STATE=${MAMBA_D_STATE:-128}; MAMBA_HEADDIM=${MAMBA_HEADDIM:-64}; MAMBA_CHUNK=${MAMBA_CHUNK:-256}
     NUM_SHARDS=${NUM_SHARDS:-240}; DATA_DIR="$NANOCHAT_BASE_DIR/base_data"
     SFT_DATA=${SFT_DATA:-smoltalk}; SFT_EPOCHS=${SFT_EPOCHS:-1}; SFT_BATCH=${SFT_BATCH:-16}; SFT_SEQ=${SFT_SEQ:-2048}
-    RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-5}; RETRIEVER=${RETRIEVER:-hybrid}; RAG_FLAGS=${RAG_FLAGS:---keep-best}
+    RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-5}; RETRIEVER=${RETRIEVER:-hybrid}; RAG_FLAGS=${RAG_FLAGS:---keep-best --p-no-gold 0.1}
     DOC_CHARS=${DOC_CHARS:-1200}; LR_FRAC=${LR_FRAC:-0.1}
     EVAL_EXAMPLES=${EVAL_EXAMPLES:-300}; EVAL_EVERY=${EVAL_EVERY:-250}; EVAL_TOKENS=${EVAL_TOKENS:-10485760}
 else

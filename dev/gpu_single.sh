@@ -12,15 +12,17 @@
 #   base_hybrid      d8 MMMTMMMT base_train, IT_HYB steps (default IT)
 #   base_allT        d8 TTTTTTTT base_train, IT_ALLT steps (default IT)
 #   sft              chat_sft of the hybrid on the built-in chat set
-#   rag              rag_finetune of the SFT hybrid (RAG_EPOCHS, --keep-best), top-3 BM25
+#   rag              rag_finetune of the SFT hybrid (RAG_EPOCHS, --keep-best, --p-no-gold 0.1), top-3 BM25
 #   sft_same_tokens  plain chat_sft at rag's tokens per step (the step-time ratio)
 #   rag_eval         closed-book vs RAG on the held-out questions
 # PHASE=A / PHASE=B are the lists the 2026-12-03 session ran (A: data_bg mamba_check bench_compiled base_allT
 # bench_eager bench_decode; B: data base_hybrid sft rag sft_same_tokens rag_eval).
-# Measured on an H200 (2026-12-03): data 38 s, mamba_check 280 s, bench_compiled 207 s, base_hybrid 450 steps
-# 296 s (861k tok/s), base_allT 450 steps ~125 s (1.18M tok/s), sft 95 s, rag 10 epochs of 2,800 questions 142 s,
-# rag_eval 200 questions ~85 s, bench_decode 43 s. One call stops at 600 s: plan each call's list from these.
-#   STAGES="data base_hybrid sft" IT_HYB=900 bash dev/gpu_single.sh        # ~5 min of hybrid training
+# Measured on an H200 (2026-12-03, two sessions): data 30-38 s, mamba_check 280 s, bench_compiled 207 s,
+# bench_eager 126 s, bench_decode 43 s, base_hybrid 800 steps 378 s (899k tok/s), base_allT 1350 steps 361 s
+# (1.22M tok/s), sft 106 s, rag 3 epochs of 2,456 questions 145 s, rag_eval 200 questions 79-108 s.
+# One call stops at 600 s: plan each call's list from these. The lists the second session ran, chained:
+#   STAGES="data base_hybrid" IT_HYB=800 bash dev/gpu_single.sh                # ~5 min of hybrid training
+#   STAGES="sft rag rag_eval"; STAGES="base_allT bench_eager" IT_ALLT=1350      # ~5 min of all-T training
 # CPU dry run: SMALL=1 STAGES="data base_hybrid sft rag rag_eval" OUT=/tmp/o bash dev/gpu_single.sh
 set -u
 case "${PHASE:-}" in
@@ -54,7 +56,7 @@ else
     D="--depth 8 --aspect-ratio 64 --head-dim 128"
     HYB=MMMTMMMT; ALLT=TTTTTTTT; SEQ=2048; DBS=32; TBS=262144; IT=${IT:-300}; VOCAB=16384
     SRC="--with-source --site-packages --max-chars 3e8"; COMPILE=1; EV=200; RSEQ=1024; BSMALL=
-    QA="--max-train 6000 --max-docs 8000"  # every train question (3,000 of them overfit in 10 epochs)
+    QA="--max-train 6000 --max-docs 8000"  # every rag-module question (~2,450; see nanochat/stdlib_docs.py)
 fi
 COMMON="$D --max-seq-len $SEQ --device-batch-size $DBS --total-batch-size $TBS --data-dir $B/corpus \
     --eval-every 100 --eval-tokens $((TBS * 4)) --sample-every -1 --compile $COMPILE --log-every 25"
@@ -87,8 +89,8 @@ run_stage() {
     base_allT)       base $ALLT allT ${IT_ALLT:-$IT} ;;
     sft)             wait_data; step sft python3 -m scripts.chat_sft --source base --model-tag hybrid --data builtin --num-epochs 2 \
                          --device-batch-size 32 --max-seq-len 512 --eval-every 20 --eval-steps 4 --compile 0 --log-every 10 --init-lr-frac 0.5 ;;
-    rag)             step rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid --num-epochs ${RAG_EPOCHS:-4} \
-                         --eval-every 25 --keep-best --init-lr-frac 0.5 $RAG ;;
+    rag)             step rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid --num-epochs ${RAG_EPOCHS:-3} \
+                         --eval-every 25 --keep-best --init-lr-frac 0.5 --p-no-gold 0.1 $RAG ;;
     sft_same_tokens) step sft_same_tokens python3 -m scripts.chat_sft --source sft --model-tag hybrid --output-tag sftref --data builtin \
                          --num-iterations 60 --eval-every 1000 --device-batch-size 16 --max-seq-len $RSEQ --log-every 10 --compile $COMPILE ;;
     rag_eval)        TAILN=25 step rag_eval python3 -m scripts.rag_eval --source rag --model-tag hybrid --top-k 3 --max-examples $EV --max-new-tokens 48 ;;

@@ -433,7 +433,7 @@ def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=
     Returns documents "# file: <relative path>\n\n<source>", in a fixed order, up to max_chars in total.
     """
     import sysconfig
-    from nanochat.stdlib_docs import is_eval_module
+    from nanochat.stdlib_docs import module_split
     roots = [("stdlib", sysconfig.get_paths()["stdlib"])]
     if site_packages:
         roots += [("site-packages", p) for p in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})]
@@ -450,7 +450,7 @@ def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=
                 path = os.path.join(dirpath, name)
                 rel = os.path.relpath(path, root)
                 top = rel.split(os.sep)[0].removesuffix(".py")
-                if kind == "stdlib" and (top.startswith("_") or is_eval_module(top)):
+                if kind == "stdlib" and (top.startswith("_") or module_split(top) != "train"):
                     continue
                 try:
                     if os.path.getsize(path) > max_file_bytes:
@@ -471,7 +471,7 @@ def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=
 def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modules=None, row_group_size=1000,
                          progress=True, extra_docs=None):
     """
-    Write the built-in corpus: every harvested stdlib record of a TRAIN module (held-out eval modules are left out
+    Write the built-in corpus: every harvested stdlib record of a TRAIN module (eval and rag modules are left out
     entirely, see nanochat/stdlib_docs.py), shuffled with a fixed seed, split evenly into num_shards parquet shards
     (column "text"; the last shard is validation) plus manifest.json, all written into a temp dir then renamed.
     records: pre-harvested records (else harvest(max_modules)). Returns the output dir.
@@ -483,7 +483,7 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
     if records is None:
         records = harvest(max_modules=max_modules, progress=progress)
     train = [r for r in records if record_split(r) == "train"]
-    held_out = sorted({r["module"].split(".")[0] for r in records if record_split(r) == "eval"})
+    held_out = sorted({r["module"].split(".")[0] for r in records if record_split(r) != "train"})
     docs = [format_record(r) for r in sorted(train, key=lambda r: r["id"])] + list(extra_docs or [])
     if len(docs) < num_shards:
         raise ValueError(f"only {len(docs)} train documents for {num_shards} shards")
@@ -506,8 +506,9 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
             "excluded_eval_records": len(records) - len(train),
             "extra_documents": len(extra_docs or []),
             "held_out_modules": held_out,
-            "split_rule": "a top-level module is held out for evaluation iff int(sha1(name), 16) % 5 == 0; its "
-                          "records (and its submodules') are not in this corpus. The last shard is validation.",
+            "split_rule": "a top-level module is in this corpus iff int(sha1(name), 16) % 5 in (3, 4) (0: eval "
+                          "questions, 1-2: RAG fine-tuning questions, nanochat/stdlib_docs.py); the held-out ones' "
+                          "records (and their submodules') are not. The last shard is validation.",
             "shards": shards,
         }
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:

@@ -33,6 +33,7 @@ Usage:
 import os
 import sys
 import math
+import warnings
 import types
 import importlib
 import importlib.util
@@ -290,17 +291,48 @@ def resolve_impl(device, dtype=torch.float32):
 # projections, conv and norm around them still compile.
 
 
+# Calls the Triton scan could not launch, by (dtypes, sizes, chunk): they go to the torch path from then on.
+# Why: mamba-ssm's kernels are autotuned on sizes only (ssd_chunk_scan.py: key=['chunk_size', 'hdim', 'dstate',
+# 'IS_CAUSAL']), so a process reuses the config its first call picked, whatever the dtypes of later calls. On an
+# H200 (2026-12-03) rag_eval stopped 27 s in with "OutOfResources: shared memory, Required: 279552, Hardware
+# limit: 232448" in _chunk_scan_fwd_kernel; the same checkpoint and questions had passed in an earlier process.
+# So the config the timing race picks on the first call need not fit a later one (other dtypes, or a prompt
+# length that Triton specializes differently: it compiles per argument alignment). The key below leaves the
+# sequence length out on purpose: after one failure every call of those dtypes and sizes takes the torch scan,
+# which computes the same thing (tests, and benchmarks/check_mamba_triton.py), slower.
+_TRITON_SCAN_FAILED = {}
+
+
 @torch.compiler.disable
 def _scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None):
     """(y, final_state) of the chunked scan; dt_raw is in_proj's dt before softplus(dt + dt_bias)."""
     wide = initial_state is not None and initial_state.dtype == torch.float64
     if resolve_impl(x.device, torch.float64 if wide else x.dtype) == "triton":
-        mamba_chunk_scan_combined = _load_triton_ops()[0]
-        kwargs = {} if tuple(dt_limit) == (0.0, float("inf")) else dict(dt_limit=tuple(dt_limit))
-        out = mamba_chunk_scan_combined(x, dt_raw, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias,
-                                        initial_states=initial_state, dt_softplus=True,
-                                        return_final_states=initial_state is not None, **kwargs)
-        return out if initial_state is not None else (out, None)
+        key = (x.dtype, B.dtype, None if initial_state is None else initial_state.dtype, tuple(x.shape[-2:]),
+               tuple(B.shape[-2:]), chunk_size)
+        if key not in _TRITON_SCAN_FAILED:
+            try:
+                return _triton_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state)
+            except Exception as e:
+                if type(e).__name__ != "OutOfResources":  # triton.runtime.errors.OutOfResources; triton may be absent
+                    raise
+                _TRITON_SCAN_FAILED[key] = str(e)
+                warnings.warn(f"mamba-ssm's Triton chunk scan could not launch for (x, B, initial state dtypes, "
+                              f"x/B trailing sizes, chunk) = {key}: {e}. This call and later ones like it use the "
+                              f"torch scan (same result, slower).")
+    return _torch_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state)
+
+
+def _triton_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state):
+    mamba_chunk_scan_combined = _load_triton_ops()[0]
+    kwargs = {} if tuple(dt_limit) == (0.0, float("inf")) else dict(dt_limit=tuple(dt_limit))
+    out = mamba_chunk_scan_combined(x, dt_raw, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias,
+                                    initial_states=initial_state, dt_softplus=True,
+                                    return_final_states=initial_state is not None, **kwargs)
+    return out if initial_state is not None else (out, None)
+
+
+def _torch_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state):
     if _recompute_scan(x):
         # the chunk matrices (several (Q, Q) per head and chunk, fp32) dominate training memory: keep only the
         # scan's inputs and recompute the rest in backward (measured: the torch path OOMed at batch 16 x 2048 on

@@ -18,7 +18,7 @@ Files written (each to a temp file, all renamed into place together at the end):
                          At most --max-docs documents, always including every gold document of a question, the rest
                          a deterministic (sha1-ordered) sample. Build a retriever over it with
                          python -m nanochat.retrieval --documents kb_documents.jsonl --output DIR --type bm25
-    qa_train.jsonl       QA examples (tasks/qa.py schema) about TRAIN modules, qa_eval.jsonl about HELD-OUT ones:
+    qa_train.jsonl       QA examples (tasks/qa.py schema) about RAG modules, qa_eval.jsonl about EVAL ones:
                          (a) "What does `textwrap.dedent` do?" -> the docstring's first sentence
                          (b) "What is the signature of `textwrap.dedent`?" -> "dedent(text)"
                          (c) "Which standard library module provides `dedent`?" -> "textwrap" (only if the name is
@@ -28,12 +28,14 @@ Files written (each to a temp file, all renamed into place together at the end):
     sft_train.jsonl      closed-book chat from TRAIN modules only ("What is the `json` module for?" -> the module
     sft_val.jsonl        docstring's first paragraph; language-reference topics; what functions do), plus the
                          hand-written data/identity_conversations.jsonl; ~5% of each goes to val. Any conversation
-                         that names a held-out module is dropped (mentions_eval_module).
+                         that names an eval or rag module is dropped (mentions_held_out_module).
     manifest.json        python version, counts, the held-out module list and the split rule.
 
-The split rule (nanochat/stdlib_docs.is_eval_module): whole top-level packages with sha1(name) % 5 == 0 are held
-out. The pretraining corpus (python -m nanochat.dataset --builtin) and the SFT data never contain their records,
-so qa_eval measures what retrieval adds: the answer can only come from the retrieved document.
+The split rule (nanochat/stdlib_docs.module_split): whole top-level packages by sha1(name) % 5: 0 = eval,
+1-2 = rag, 3-4 = train. The pretraining corpus (python -m nanochat.dataset --builtin) and the SFT chat contain
+only train modules, so in qa_train and qa_eval alike the answer can only come from the retrieved document: RAG
+fine-tuning has to teach reading (not recall), and qa_eval measures what retrieval adds on modules the RAG
+fine-tuning never saw either.
 """
 
 import os
@@ -47,7 +49,7 @@ import contextlib
 from collections import Counter
 
 from nanochat.common import repo_dir, builtin_dir, atomic_path, print0
-from nanochat.stdlib_docs import (harvest, is_eval_module, record_split, top_level_modules, squash, SIG_LINE,
+from nanochat.stdlib_docs import (harvest, module_split, record_split, top_level_modules, squash, SIG_LINE,
                                   UNDERLINE, paragraphs, prose, first_paragraph, first_sentence)
 from tasks.common import Task, exact_match, token_f1, strip_citations, assistant_text, check_choice
 from tasks.customjson import read_conversations_jsonl
@@ -199,16 +201,16 @@ _TOPIC_Q = ["Explain {t} in Python.", "Can you tell me about {t} in Python?", "W
 _FUNC_Q = ["What does `{id}` do?", "Can you explain `{id}`?", "What is `{id}` for?"]
 
 
-def mentions_eval_module(text, eval_tops):
+def mentions_held_out_module(text, held_out_tops):
     """Does text refer to a held-out module: a dotted name (urllib.parse), `name`/'name', "name module/package",
-    "import name" / "from name", with name a held-out top-level module? Prose words (a "glob" pattern) are fine."""
+    "import name" / "from name", with name in held_out_tops? Prose words (a "glob" pattern) are fine."""
     for m in re.finditer(r"(?<![\w.])([A-Za-z_]\w*)(?:\.[A-Za-z_]\w*)+", text):
-        if m.group(1) in eval_tops:
+        if m.group(1) in held_out_tops:
             return True
     for pattern in (r"`([A-Za-z_]\w*)", r"'([A-Za-z_]\w*)'", r"\"([A-Za-z_]\w*)\"", r"\b(\w+) (?:module|package)\b",
                     r"\b(?:import|from) (\w+)"):
         for m in re.finditer(pattern, text):
-            if m.group(1) in eval_tops:
+            if m.group(1) in held_out_tops:
                 return True
     return False
 
@@ -276,15 +278,16 @@ def build_stdlib_data(output_dir=None, max_docs=4000, max_train=3000, max_eval=3
     api = [r for r in records if r["kind"] in ("function", "class", "method")]
     if not api:
         raise ValueError("no function/class/method records to build from (harvest found nothing?)")
-    eval_tops = sorted({r["module"].split(".")[0] for r in records if r["module"] and is_eval_module(r["module"])})
+    tops = {split: sorted({r["module"].split(".")[0] for r in records if r["module"] and module_split(r["module"]) == split})
+            for split in ("eval", "rag")}
     name_counts = Counter(r["name"] for r in api if r["kind"] in ("function", "class"))
     unique_names = {n for n, c in name_counts.items() if c == 1}
 
     # questions (at most one per record), then the KB: every gold document plus a sha1-ordered sample
     kb_by_id = {r["id"]: kb_document(r, doc_chars) for r in api}
     qa = {}
-    for split, limit in (("train", max_train), ("eval", max_eval)):
-        qa[split] = select_questions([r for r in api if record_split(r) == split], unique_names, limit, doc_chars)
+    for split, source, limit in (("train", "rag", max_train), ("eval", "eval", max_eval)):
+        qa[split] = select_questions([r for r in api if record_split(r) == source], unique_names, limit, doc_chars)
     gold = {rec["id"] for split in qa for _, _, _, rec in qa[split]}
     kb_ids = set(gold)
     for r in sorted(api, key=lambda r: _h("kb", r["id"])):
@@ -310,15 +313,15 @@ def build_stdlib_data(output_dir=None, max_docs=4000, max_train=3000, max_eval=3
 
     qa_rows = {split: [example(*p) for p in qa[split]] for split in qa}
 
-    # SFT chat: train modules only, held-out names filtered out, ~5% to val; identity conversations mixed in
+    # SFT chat: train modules only, eval and rag module names filtered out, ~5% to val; identity conversations mixed in
     sft = sft_conversations(records, max_sft)
     if identity_file and os.path.exists(identity_file):
         sft += [(f"identity:{i}", c) for i, c in enumerate(read_conversations_jsonl(identity_file))]
     elif identity_file:
         raise FileNotFoundError(f"identity conversations not found at {identity_file}")
     # every held-out name of this Python, not just the harvested ones (harvest(modules=...) may be a subset)
-    eval_set = set(eval_tops) | {m for m in top_level_modules() if is_eval_module(m)}
-    kept = [(k, c) for k, c in sft if not mentions_eval_module(_conversation_text(c), eval_set)]
+    held_out = set(tops["eval"]) | set(tops["rag"]) | {m for m in top_level_modules() if module_split(m) != "train"}
+    kept = [(k, c) for k, c in sft if not mentions_held_out_module(_conversation_text(c), held_out)]
     dropped = len(sft) - len(kept)
     kept.sort(key=lambda kc: _h("order", kc[0]))  # interleave modules, topics, API and identity
     sft_rows = {"train": [], "val": []}
@@ -334,11 +337,12 @@ def build_stdlib_data(output_dir=None, max_docs=4000, max_train=3000, max_eval=3
                    "sft_train": len(sft_rows["train"]), "sft_val": len(sft_rows["val"]),
                    "sft_dropped_for_naming_held_out_modules": dropped},
         "question_types": {s: dict(Counter(r["question_type"] for r in qa_rows[s])) for s in qa_rows},
-        "held_out_modules": eval_tops,
-        "split_rule": "a top-level module (and all its submodules) is held out for evaluation iff "
-                      "int(hashlib.sha1(name.encode()).hexdigest(), 16) % 5 == 0 (nanochat/stdlib_docs.py). "
-                      "qa_eval asks only about held-out modules, qa_train only about the others; the pretraining "
-                      "corpus and SFT data contain no record of a held-out module; the KB contains both.",
+        "held_out_modules": tops["eval"],
+        "rag_modules": tops["rag"],
+        "split_rule": "a top-level module (and all its submodules) goes by h = int(hashlib.sha1(name.encode())"
+                      ".hexdigest(), 16) % 5 (nanochat/stdlib_docs.py): h == 0 eval (qa_eval), h in (1, 2) rag "
+                      "(qa_train), else train (pretraining corpus and SFT chat). The pretraining corpus and SFT "
+                      "data contain no record of an eval or rag module; the KB contains all three.",
         "args": {"max_docs": max_docs, "max_train": max_train, "max_eval": max_eval, "max_sft": max_sft},
     }
     outputs = {"kb_documents.jsonl": kb, "qa_train.jsonl": qa_rows["train"], "qa_eval.jsonl": qa_rows["eval"],
@@ -369,7 +373,7 @@ def _data_file(data_dir, name):
 
 
 class StdlibQA(Task):
-    """QA about the stdlib docs: split "train" (train modules) or "eval" (held-out modules). Generative;
+    """QA about the stdlib docs: split "train" (rag modules) or "eval" (eval modules). Generative;
     evaluate = SQuAD-normalized exact match (citations stripped); f1 = token F1."""
 
     def __init__(self, split="train", data_dir=None, **view):
@@ -425,7 +429,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build the built-in KB / QA / SFT data from the stdlib docs")
     parser.add_argument("--output", type=str, default=None, help="output dir (default <repo>/data/builtin)")
     parser.add_argument("--max-docs", type=int, default=4000, help="KB size cap (gold documents always kept)")
-    parser.add_argument("--max-train", type=int, default=3000, help="QA examples about train modules")
+    parser.add_argument("--max-train", type=int, default=3000, help="QA examples (qa_train) about rag modules")
     parser.add_argument("--max-eval", type=int, default=300, help="QA examples about held-out modules")
     parser.add_argument("--max-sft", type=int, default=2000, help="closed-book SFT conversations (before identity)")
     parser.add_argument("--doc-chars", type=int, default=KB_DOC_CHARS,

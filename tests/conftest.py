@@ -60,8 +60,8 @@ PIPELINE_MODULES = ["json", "textwrap", "heapq", "bisect", "string", "shlex", "c
 
 @pytest.fixture(scope="session")
 def pipeline_data(tmp_path_factory):
-    """Built-in data from a handful of stdlib modules (a few held out) + a 512-token tokenizer."""
-    from nanochat.stdlib_docs import harvest, is_eval_module
+    """Built-in data from a handful of stdlib modules (a few held out for eval, a few for the RAG questions) + a 512-token tokenizer."""
+    from nanochat.stdlib_docs import harvest, module_split
     from nanochat.dataset import build_builtin_corpus
     from tasks.stdlib_qa import build_stdlib_data
     from nanochat.tokenizer import Tokenizer
@@ -69,7 +69,7 @@ def pipeline_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     builtin = root / "builtin"
     records = harvest(modules=PIPELINE_MODULES, progress=False)
-    assert any(is_eval_module(m) for m in PIPELINE_MODULES) and not all(is_eval_module(m) for m in PIPELINE_MODULES)
+    assert {module_split(m) for m in PIPELINE_MODULES} == {"train", "rag", "eval"}
     build_builtin_corpus(builtin / "corpus", num_shards=4, records=records, progress=False)
     build_stdlib_data(builtin, max_docs=300, max_train=160, max_eval=20, max_sft=200, records=records, progress=False,
                       doc_chars=300)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from nanochat import dataset
 from nanochat.dataset import (list_data_files, iter_texts, iter_documents, read_documents, parquets_iter_batched,
                               build_builtin_corpus, download_file, download_shards, default_data_dir)
-from nanochat.stdlib_docs import harvest, is_eval_module
+from nanochat.stdlib_docs import harvest, module_split
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -167,26 +167,26 @@ def records():
 
 
 def test_builtin_corpus(tmp_path, records):
-    assert {is_eval_module(m) for m in MODULES} == {True, False}  # the fixture covers both sides
+    assert {module_split(m) for m in MODULES} == {"train", "rag", "eval"}  # the fixture covers all three sides
     out = build_builtin_corpus(tmp_path / "corpus", num_shards=3, records=records, row_group_size=5,
                                progress=False)
     files = list_data_files(out)
     assert [os.path.basename(f) for f in files] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     train, val = list(iter_texts(out, "train")), list(iter_texts(out, "val"))
-    n_train_records = sum(1 for r in records if not is_eval_module(r["module"]))
+    n_train_records = sum(1 for r in records if module_split(r["module"]) == "train")
     assert len(train) + len(val) == n_train_records == manifest["documents"]
     assert manifest["shards"][-1]["split"] == "val" and manifest["shards"][-1]["documents"] == len(val)
-    assert sorted(manifest["held_out_modules"]) == sorted(m for m in MODULES if is_eval_module(m))
+    assert sorted(manifest["held_out_modules"]) == sorted(m for m in MODULES if module_split(m) != "train")
     assert not set(train) & set(val)
     assert pq.ParquetFile(files[0]).metadata.num_row_groups >= 2  # row groups of row_group_size docs
     # no record of a held-out module, under any name: module header or dotted id
     for text in train + val:
         header = text.split("\n", 1)[0]
         assert header.startswith("Module ")
-        assert not is_eval_module(header[len("Module "):]), header
+        assert module_split(header[len("Module "):]) == "train", header
         for m in MODULES:
-            if is_eval_module(m):
+            if module_split(m) != "train":
                 assert f"Module {m}" not in text
     assert any(t.startswith("Module textwrap\n\ndedent(text)\n\n") for t in train + val)
     # rebuilding replaces the directory atomically and gives the same bytes (deterministic)

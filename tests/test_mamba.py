@@ -7,6 +7,7 @@ mamba-ssm state-dict layout, implementation selection, torch.compile and the FLO
 """
 
 import math
+import warnings
 import types
 
 import pytest
@@ -401,6 +402,44 @@ def test_impl_env_var(monkeypatch):
     monkeypatch.setenv("NANOCHAT_MAMBA_IMPL", "cuda")
     with pytest.raises(ValueError, match="auto, torch, triton"):
         m(u)
+
+
+def test_triton_scan_out_of_resources_falls_back_to_torch(monkeypatch):
+    # mamba-ssm's autotuned scan can pick a config that needs more shared memory than the GPU has (seen on an
+    # H200, nanochat/mamba.py): that call and later ones of the same dtypes/sizes run the torch scan instead,
+    # with one warning; any other error from the kernel still propagates
+    import nanochat.mamba as mamba_mod
+    OutOfResources = type("OutOfResources", (Exception,), {})  # the class name is what _scan checks
+    calls = []
+
+    def fake_chunk_scan(*args, **kwargs):
+        calls.append(args[0].shape)
+        raise OutOfResources("out of resource: shared memory, Required: 279552, Hardware limit: 232448")
+
+    monkeypatch.setattr(mamba_mod, "resolve_impl", lambda device, dtype=None: "triton")
+    monkeypatch.setattr(mamba_mod, "_load_triton_ops", lambda: (fake_chunk_scan, None, None, None))
+    monkeypatch.setattr(mamba_mod, "_TRITON_SCAN_FAILED", {})
+    x, dt, A, B, C, D, h0 = random_scan_inputs(2, 19, 4, 3, 2, 5)
+    dt_raw, dt_bias = torch.log(torch.expm1(dt)) - 0.1, torch.full((4,), 0.1, dtype=F64)
+    ref = _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0)
+    with pytest.warns(UserWarning, match="could not launch.*use the torch scan"):
+        y, state = mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0)
+    assert max_err(y, ref[0]) == 0 and max_err(state, ref[1]) == 0 and len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, and the kernel is not tried again for this key
+        y2, _ = mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0)
+    assert max_err(y2, ref[0]) == 0 and len(calls) == 1
+    # another dtype mix is a new key: tried again
+    with pytest.warns(UserWarning):
+        mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, None)
+    assert len(calls) == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a real bug")
+    monkeypatch.setattr(mamba_mod, "_load_triton_ops", lambda: (broken, None, None, None))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        mamba_mod._scan(x.float(), dt_raw.float(), A.float(), B.float(), C.float(), D.float(), dt_bias.float(),
+                        (0.0, math.inf), 8, None)
 
 
 # -----------------------------------------------------------------------------

@@ -7,17 +7,18 @@ tasks/stdlib_qa.py (KB, QA, SFT files and the StdlibQA / StdlibChat tasks).
 
 import os
 import sys
+import re
 import json
 import hashlib
 
 import pytest
 
-from nanochat.stdlib_docs import harvest, is_eval_module, record_split, top_level_modules
-from tasks.stdlib_qa import (build_stdlib_data, first_sentence, first_paragraph, prose, mentions_eval_module,
+from nanochat.stdlib_docs import harvest, module_split, is_eval_module, record_split, top_level_modules
+from tasks.stdlib_qa import (build_stdlib_data, first_sentence, first_paragraph, prose, mentions_held_out_module,
                              contains_answer, StdlibQA, StdlibChat, IDENTITY_FILE)
 from tasks.customjson import read_conversations_jsonl
 
-MODULES = ["json", "textwrap", "shlex", "heapq", "os", "glob", "base64", "fnmatch", "difflib"]
+MODULES = ["json", "textwrap", "shlex", "os", "heapq", "re", "random", "queue", "glob", "base64", "fnmatch", "difflib"]
 KINDS = {"module", "function", "class", "method", "topic"}
 
 
@@ -90,13 +91,23 @@ def test_split_rule():
                       "xml": ["xml.etree.ElementTree"], "os": ["os.path"]}.items():
         assert all(is_eval_module(s) == is_eval_module(pkg) for s in subs)
     assert is_eval_module("urllib") and is_eval_module("itertools") and not is_eval_module("json")
+    for name in ["json", "urllib", "textwrap", "itertools", "os", "xml", "email", "re", "asyncio", "heapq"]:
+        h = int(hashlib.sha1(name.encode()).hexdigest(), 16) % 5
+        assert module_split(name) == ("eval" if h == 0 else "rag" if h in (1, 2) else "train")
+        assert module_split(name + ".sub") == module_split(name)
+    assert [module_split(m) for m in ("json", "re", "asyncio", "glob")] == ["train", "rag", "rag", "eval"]
     tops = top_level_modules()
     frac = sum(map(is_eval_module, tops)) / len(tops)
     assert 0.1 < frac < 0.3
+    frac_rag = sum(module_split(m) == "rag" for m in tops) / len(tops)
+    assert 0.3 < frac_rag < 0.5
     assert record_split({"kind": "topic", "module": "", "id": "topic:for"}) == "train"
     assert record_split({"kind": "function", "module": "urllib.parse", "id": "urllib.parse.quote"}) == "eval"
+    assert record_split({"kind": "function", "module": "re", "id": "re.sub"}) == "rag"
     with pytest.raises(ValueError):
         is_eval_module("")
+    with pytest.raises(ValueError, match="module_split"):
+        module_split(None)
 
 # -----------------------------------------------------------------------------
 # text helpers
@@ -121,14 +132,14 @@ def test_first_sentence_and_paragraph():
     assert len(first_paragraph(long, max_chars=100)) <= 100 and first_paragraph(long, 100).endswith(".")
 
 
-def test_mentions_eval_module():
+def test_mentions_held_out_module():
     tops = {"urllib", "glob"}
-    assert mentions_eval_module("use urllib.parse.quote", tops)
-    assert mentions_eval_module("see `glob` for that", tops)
-    assert mentions_eval_module("the glob module", tops)
-    assert mentions_eval_module("from urllib import request", tops)
-    assert not mentions_eval_module("a glob pattern like *.py", tops)
-    assert not mentions_eval_module("use json.loads", tops)
+    assert mentions_held_out_module("use urllib.parse.quote", tops)
+    assert mentions_held_out_module("see `glob` for that", tops)
+    assert mentions_held_out_module("the glob module", tops)
+    assert mentions_held_out_module("from urllib import request", tops)
+    assert not mentions_held_out_module("a glob pattern like *.py", tops)
+    assert not mentions_held_out_module("use json.loads", tops)
 
 # -----------------------------------------------------------------------------
 # the built-in data
@@ -137,7 +148,7 @@ def test_mentions_eval_module():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, records):
     out = tmp_path_factory.mktemp("builtin")
-    build_stdlib_data(out, max_docs=60, max_train=40, max_eval=25, max_sft=30, records=records, progress=False)
+    build_stdlib_data(out, max_docs=100, max_train=40, max_eval=25, max_sft=30, records=records, progress=False)
     return str(out)
 
 
@@ -153,18 +164,19 @@ def test_files_and_caps(built):
     kb = read_jsonl(os.path.join(built, "kb_documents.jsonl"))
     train, ev = read_jsonl(os.path.join(built, "qa_train.jsonl")), read_jsonl(os.path.join(built, "qa_eval.jsonl"))
     assert len(train) == 40 and 0 < len(ev) <= 25
-    assert len(kb) == max(60, len({i for ex in train + ev for i in ex["gold_doc_ids"]}))
+    assert len(kb) == max(100, len({i for ex in train + ev for i in ex["gold_doc_ids"]}))
     manifest = json.load(open(os.path.join(built, "manifest.json")))
     assert manifest["counts"]["kb_documents"] == len(kb) and manifest["counts"]["qa_eval"] == len(ev)
     assert manifest["held_out_modules"] == sorted(m for m in MODULES if is_eval_module(m))
+    assert manifest["rag_modules"] == sorted(m for m in MODULES if module_split(m) == "rag")
     assert manifest["python_version"] == sys.version.split()[0]
     ids = [d["id"] for d in kb]
     assert len(ids) == len(set(ids))
     for d in kb:
         assert d["title"] == d["id"] and d["content"].strip() and len(d["content"]) < 1400
         assert d["metadata"]["kind"] in ("function", "class", "method")
-        assert d["metadata"]["split"] == ("eval" if is_eval_module(d["metadata"]["module"]) else "train")
-    assert {d["metadata"]["split"] for d in kb} == {"train", "eval"}  # the KB holds both sides
+        assert d["metadata"]["split"] == module_split(d["metadata"]["module"])
+    assert {d["metadata"]["split"] for d in kb} == {"train", "rag", "eval"}  # the KB holds all three sides
 
 
 def test_qa_splits_gold_and_answers(built):
@@ -177,7 +189,8 @@ def test_qa_splits_gold_and_answers(built):
             assert ex["messages"][1]["content"] == ex["answers"][0]
             (gold,) = ex["gold_doc_ids"]
             assert gold in kb  # every gold document is in the KB
-            assert is_eval_module(kb[gold]["metadata"]["module"]) == (split == "eval")  # only this side's modules
+            # qa_train asks about rag modules only, qa_eval about eval modules only: never a pretraining module
+            assert module_split(kb[gold]["metadata"]["module"]) == {"train": "rag", "eval": "eval"}[split]
             assert contains_answer(kb[gold], ex["answers"][0])  # the answer is in the gold document
             assert ex["documents"][0]["id"] == gold and all(d["id"] in kb for d in ex["documents"])
             assert gold not in seen_records  # at most one question per record
@@ -192,8 +205,8 @@ def test_qa_splits_gold_and_answers(built):
         assert types <= {"desc", "sig", "module"} and len(types) >= 2
 
 
-def test_sft_has_no_eval_modules(built):
-    eval_tops = [m for m in MODULES if is_eval_module(m)]
+def test_sft_has_no_eval_or_rag_modules(built):
+    eval_tops = [m for m in MODULES if module_split(m) != "train"]
     rows = read_jsonl(os.path.join(built, "sft_train.jsonl")) + read_jsonl(os.path.join(built, "sft_val.jsonl"))
     assert len(rows) > 30
     identity = read_conversations_jsonl(IDENTITY_FILE)
@@ -203,7 +216,8 @@ def test_sft_has_no_eval_modules(built):
     for r in rows:
         text = json.dumps(r)
         for m in eval_tops:
-            assert f"`{m}" not in text and f"{m}." not in text and f"{m} module" not in text, (m, text[:300])
+            for pattern in (rf"`{m}\b", rf"(?<![\w.]){m}\.[A-Za-z_]", rf"\b{m} module"):
+                assert not re.search(pattern, text), (m, pattern, text[:300])
     train_text = json.dumps(rows)
     assert "`json" in train_text or "json." in train_text  # train modules are there
 
@@ -226,6 +240,6 @@ def test_tasks(built):
 
 
 def test_build_is_deterministic(built, records, tmp_path):
-    build_stdlib_data(tmp_path, max_docs=60, max_train=40, max_eval=25, max_sft=30, records=records, progress=False)
+    build_stdlib_data(tmp_path, max_docs=100, max_train=40, max_eval=25, max_sft=30, records=records, progress=False)
     for name in os.listdir(built):
         assert open(os.path.join(built, name), "rb").read() == open(tmp_path / name, "rb").read(), name
