@@ -19,7 +19,7 @@
 # bench_eager bench_decode; B: data base_hybrid sft rag sft_same_tokens rag_eval).
 # Measured on an H200 (2026-12-03, two sessions): data 30-38 s, mamba_check 280 s, bench_compiled 207 s,
 # bench_eager 126 s, bench_decode 43 s, base_hybrid 800 steps 378 s (899k tok/s), base_allT 1350 steps 361 s
-# (1.22M tok/s), sft 106 s, rag 3 epochs of 2,456 questions 145 s, rag_eval 200 questions 79-108 s.
+# (1.22M tok/s), sft 106 s, rag 3 epochs of 2,427 questions 145 s, rag_eval 200 questions 79-108 s.
 # One call stops at 600 s: plan each call's list from these. The lists the second session ran, chained:
 #   STAGES="data base_hybrid" IT_HYB=800 bash dev/gpu_single.sh                # ~5 min of hybrid training
 #   STAGES="sft rag rag_eval"; STAGES="base_allT bench_eager" IT_ALLT=1350      # ~5 min of all-T training

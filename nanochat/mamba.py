@@ -286,9 +286,10 @@ def resolve_impl(device, dtype=torch.float32):
 
 
 # -----------------------------------------------------------------------------
-# dispatch: the scan and the decode step stay out of torch.compile graphs (Inductor crashed compiling the
-# cumsum-based chunked SSD on an H100 with torch 2.11; the Triton call is opaque to it anyway). The
-# projections, conv and norm around them still compile.
+# dispatch: Inductor never traces the scan or the decode step (it crashed compiling the cumsum-based chunked SSD
+# on an H100 with torch 2.11; the Triton call is opaque to it anyway). Prefill with states, the decode step and,
+# with NANOCHAT_MAMBA_SCAN_OP=0, the training scan run under compiler.disable; otherwise the state-free training
+# scan is the custom op further down. The projections, conv and norm around them still compile.
 
 
 # Calls the Triton scan could not launch, by (dtypes, sizes, chunk): they go to the torch path from then on.
