@@ -138,7 +138,7 @@ fi
 if [ "$NGPU" -gt 0 ]; then
     stage download "$DATA_DIR/.complete_$NUM_SHARDS" bash -c "python -m nanochat.dataset -n $NUM_SHARDS && touch $DATA_DIR/.complete_$NUM_SHARDS"
 else
-    stage corpus "$DATA_DIR/manifest.json" python -m nanochat.dataset --builtin $CORPUS_FLAGS --output "$DATA_DIR"
+    stage corpus "$DATA_DIR/manifest.json" python -m tasks.builtin_corpus $CORPUS_FLAGS --output "$DATA_DIR"
 fi
 # the built-in KB documents and QA pairs (train modules / held-out eval modules) are used on GPU too
 stage stdlib-qa "$BUILTIN/manifest.json" python -m tasks.stdlib_qa --output "$BUILTIN" --doc-chars "$DOC_CHARS" ${TINY_CAPS:-}

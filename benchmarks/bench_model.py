@@ -26,7 +26,6 @@ import os
 import sys
 import json
 import time
-import argparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +33,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.engine import InferenceCache
-from nanochat.common import dual, get_peak_flops
+from nanochat.common import ArgumentParser, get_peak_flops
 
 PATTERNS = {
     "all-T": "T" * 12,
@@ -220,19 +219,19 @@ def bench_memory(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="T vs M vs hybrid: training throughput/MFU and decode speed/memory.")
+    parser = ArgumentParser(description="T vs M vs hybrid: training throughput/MFU and decode speed/memory.")
     parser.add_argument("--sections", default="train,decode", help="comma-separated: train, decode, memory")
-    parser.add_argument(*dual("n-embd"), type=int, default=768)
-    parser.add_argument(*dual("seq-len"), type=int, default=2048)
-    parser.add_argument(*dual("batch-size"), type=int, default=16)
-    parser.add_argument(*dual("vocab-size"), type=int, default=65536)
-    parser.add_argument(*dual("d-state"), type=int, default=128)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=65536)
+    parser.add_argument("--d-state", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", type=int, default=1)
     parser.add_argument("--contexts", default="2048,8192,32768")
-    parser.add_argument(*dual("decode-steps"), type=int, default=64)
+    parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--patterns", default="", help="comma-separated subset of: " + ", ".join(PATTERNS))
     parser.add_argument("--impls", default="triton,torch", help="Mamba paths to time: triton,torch")
     parser.add_argument("--scan-ops", default="auto", help="with --compile 1, the scan forms to time for M patterns: "

@@ -19,30 +19,30 @@ import sys
 import json
 import time
 import shutil
-import argparse
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanochat.common import dual  # noqa: E402  (every flag also takes underscores: --rrf_k)
 
-parser = argparse.ArgumentParser(description="Benchmark retrievers on a BEIR-format folder")
+from nanochat.common import ArgumentParser  # noqa: E402
+
+parser = ArgumentParser(description="Benchmark retrievers on a BEIR-format folder")
 parser.add_argument("dir", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv")
 parser.add_argument("--retrievers", default="simple,bm25,dense,hybrid", help="comma list of simple,bm25,dense,hybrid")
 parser.add_argument("--reranker", default=None, help="cross-encoder name/path for the hybrid retriever")
-parser.add_argument(*dual("rrf-weights"), default="1,1.5", help="hybrid RRF weights: bm25,dense")
-parser.add_argument(*dual("rrf-k"), type=float, default=10, help="hybrid RRF k (Cormack et al. use 60)")
-parser.add_argument(*dual("fusion-depth"), type=int, default=100, help="hybrid: candidates taken from each retriever")
-parser.add_argument(*dual("tune-hybrid"), action="store_true", help="grid-search RRF k/weights/depth on half the queries")
+parser.add_argument("--rrf-weights", default="1,1.5", help="hybrid RRF weights: bm25,dense")
+parser.add_argument("--rrf-k", type=float, default=10, help="hybrid RRF k (Cormack et al. use 60)")
+parser.add_argument("--fusion-depth", type=int, default=100, help="hybrid: candidates taken from each retriever")
+parser.add_argument("--tune-hybrid", action="store_true", help="grid-search RRF k/weights/depth on half the queries")
 parser.add_argument("--scale", type=int, default=0, help="also time BM25s on N synthetic documents")
-parser.add_argument(*dual("scale-rank-bm25-queries"), type=int, default=10, help="rank_bm25 is slow at scale: time this many queries")
+parser.add_argument("--scale-rank-bm25-queries", type=int, default=10, help="rank_bm25 is slow at scale: time this many queries")
 parser.add_argument("--threads", type=int, default=1, help="threads for the query timing")
-parser.add_argument(*dual("min-time"), type=float, default=2.0, help="seconds to spend timing each system (at least one pass)")
+parser.add_argument("--min-time", type=float, default=2.0, help="seconds to spend timing each system (at least one pass)")
 parser.add_argument("--json", default=None, help="write all results to this JSON file")
 args = parser.parse_args()
 
 import numpy as np  # noqa: E402
 
-from nanochat.common import dual, print0  # noqa: E402
+from nanochat.common import print0  # noqa: E402
 from nanochat.retrieval import Document, tokenize, make_retriever, HybridRetriever, reciprocal_rank_fusion  # noqa: E402
 from nanochat.rag_utils import compute_ndcg, compute_retrieval_recall  # noqa: E402
 

@@ -19,7 +19,6 @@ Without CUDA it prints "needs CUDA" and exits 0. Results go to $OUT/mamba_check.
 Exit status 1 if any check FAILs.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -27,7 +26,9 @@ import time
 import types
 import traceback
 
-parser = argparse.ArgumentParser(description="Compare and time nanochat's Mamba2 (torch / Triton) against mamba-ssm")
+from nanochat.common import ArgumentParser  # noqa: E402
+
+parser = ArgumentParser(description="Compare and time nanochat's Mamba2 (torch / Triton) against mamba-ssm")
 parser.add_argument("--batch", type=int, default=4)
 parser.add_argument("--seq-len", type=int, default=2048)
 parser.add_argument("--d-model", type=int, default=768)

@@ -32,7 +32,7 @@ step() { local name=$1; shift; local t0=$SECONDS;
          echo "   rc=$rc ($((SECONDS - t0)) s)" | tee -a "$S"; grep -E "done|val bpb|val loss|checksums|error|Error|^\\| (closed|rag|retrieval|1-in|all-T)" "$LOGS/$name.log" | tail -8 >> "$S";
          [ -d "$NANOCHAT_BASE_DIR/report/logs" ] && cp -r "$NANOCHAT_BASE_DIR/report/logs" "$LOGS/steplogs_$name"; return $rc; }
 
-step data bash -c "python3 -m nanochat.dataset --builtin --output $B/corpus && python3 -m tasks.stdlib_qa --output $B --doc-chars 600 && python3 -m scripts.tok_train --vocab-size $VOCAB --data-dir $B/corpus && python3 -m nanochat.retrieval --documents $B/kb_documents.jsonl --output $B/kb --type bm25"
+step data bash -c "python3 -m tasks.builtin_corpus --output $B/corpus && python3 -m tasks.stdlib_qa --output $B --doc-chars 600 && python3 -m scripts.tok_train --vocab-size $VOCAB --data-dir $B/corpus && python3 -m nanochat.retrieval --documents $B/kb_documents.jsonl --output $B/kb --type bm25"
 COMMON="$MODEL --max-seq-len $SEQ --device-batch-size $DBS --total-batch-size $TBS --num-iterations $ITERS --data-dir $B/corpus --eval-every 20 --eval-tokens $((DBS * SEQ * 8)) --sample-every -1 --compile $COMPILE --log-every 5"
 step base_np $TR scripts.base_train $COMMON --model-tag multi
 step base_1 one scripts.base_train $COMMON --model-tag single

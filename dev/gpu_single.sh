@@ -56,7 +56,7 @@ else
     D="--depth 8 --aspect-ratio 64 --head-dim 128"
     HYB=MMMTMMMT; ALLT=TTTTTTTT; SEQ=2048; DBS=32; TBS=262144; IT=${IT:-300}; VOCAB=16384
     SRC="--with-source --site-packages --max-chars 3e8"; COMPILE=1; EV=200; RSEQ=1024; BSMALL=
-    QA="--max-train 6000 --max-docs 8000"  # every rag-module question (~2,450; see nanochat/stdlib_docs.py)
+    QA="--max-train 6000 --max-docs 8000"  # every rag-module question (~2,450; see tasks/stdlib_docs.py)
 fi
 COMMON="$D --max-seq-len $SEQ --device-batch-size $DBS --total-batch-size $TBS --data-dir $B/corpus \
     --eval-every 100 --eval-tokens $((TBS * 4)) --sample-every -1 --compile $COMPILE --log-every 25"
@@ -67,7 +67,7 @@ DATA_PID=
 data() {
     if [ -f "$B/kb/kb.json" ] && ls "$NANOCHAT_BASE_DIR"/tokenizer/* >/dev/null 2>&1 && [ "${FORCE:-0}" != 1 ]; then
         echo "== data: already built" | tee -a "$S"; return 0; fi
-    step data bash -c "python3 -m nanochat.dataset --builtin $SRC --output $B/corpus && python3 -m tasks.stdlib_qa --output $B --doc-chars 600 $QA \
+    step data bash -c "python3 -m tasks.builtin_corpus $SRC --output $B/corpus && python3 -m tasks.stdlib_qa --output $B --doc-chars 600 $QA \
         && python3 -m scripts.tok_train --vocab-size $VOCAB --max-chars 5e7 --data-dir $B/corpus \
         && python3 -m nanochat.retrieval --documents $B/kb_documents.jsonl --output $B/kb --type bm25"; }
 wait_data() { if [ -n "$DATA_PID" ]; then wait $DATA_PID; cat "$LOGS/data_bg.out"; DATA_PID=; fi; }

@@ -8,7 +8,9 @@ Nothing here has a CLI; import what you need:
 
 import os
 import re
+import sys
 import json
+import argparse
 import shutil
 import logging
 import tempfile
@@ -261,14 +263,45 @@ def atomic_torch_save(obj, path):
 # misc
 
 
-class DummyWandb:
-    """Stand-in for a wandb run when logging is off, so training loops call .log() unconditionally."""
+def iter_jsonl(path, on_error=None, allow_lists=False):
+    """
+    Yield (where, obj) for every non-blank line of a JSONL file, where = "path:line". Each line is decoded on its
+    own, so a bad line (invalid UTF-8, invalid JSON, not a JSON object) is a ValueError naming path:line and the
+    reason; with on_error=f it calls f(where, reason) instead and goes on (a loader's --skip-bad).
+    allow_lists=True also yields JSON arrays (nanochat's bare-list conversation lines).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, expected a JSONL file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                reason = f"not valid UTF-8 (byte {e.start} of the line)"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    reason = f"invalid JSON ({e.msg} at column {e.colno})"
+                else:
+                    if isinstance(obj, dict) or (allow_lists and isinstance(obj, list)):
+                        yield where, obj
+                        continue
+                    reason = f"expected a JSON object, got {type(obj).__name__}"
+            if on_error is None:
+                raise ValueError(f"{where}: {reason}")
+            on_error(where, reason)
 
-    def log(self, *args, **kwargs):
-        pass
 
-    def finish(self):
-        pass
+def read_jsonl(path):
+    """Every JSON object of a JSONL file, in order (errors name path:line: see iter_jsonl)."""
+    return [obj for _, obj in iter_jsonl(path)]
 
 
 def append_jsonl(path, record):
@@ -301,18 +334,79 @@ def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.2, final_l
     return 1.0
 
 
-def dual(name):
-    """'--block-pattern' and '--block_pattern' for argparse: both spellings work in every script."""
-    dashed = "--" + name.lstrip("-").replace("_", "-")
-    under = "--" + name.lstrip("-").replace("-", "_")
-    return [dashed] if dashed == under else [dashed, under]
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: x)" to a flag's help unless the help already says its default."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """
+    argparse with the seed's underscore spellings: every flag is declared once, dashed ("--model-tag"), and
+    "--model_tag" (or "--model_tag=x") is read as it; --help lists each flag once and ends with one line naming
+    the underscore spellings it also takes. A bare "--" (as in `torchrun ... -m scripts.x -- --flag`) is dropped
+    when the parser has no positional arguments. Defaults are shown in --help.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _underscored(self):
+        """{"--model_tag": "--model-tag", ...} for every dashed long flag."""
+        out = {}
+        for action in self._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--") and "-" in opt[2:]:
+                    out["--" + opt[2:].replace("-", "_")] = opt
+        return out
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        positionals = any(not a.option_strings for a in self._actions)
+        if not positionals:
+            args = [a for a in args if a != "--"]
+        aliases = self._underscored()
+        for i, a in enumerate(args):
+            flag, eq, value = a.partition("=")
+            if flag in aliases:
+                args[i] = aliases[flag] + eq + value
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        aliases = sorted(self._underscored())
+        text = super().format_help()
+        if aliases:
+            text += "\nunderscore spellings also accepted: " + " ".join(aliases) + "\n"
+        return text
+
+
+def run_main(main):
+    """
+    Run a script's main(); a user error (ValueError or FileNotFoundError: a bad flag value, a missing checkpoint or
+    KB, a malformed file) ends the process with one line "error: ..." on stderr and exit status 2 instead of a
+    traceback. NANOCHAT_TRACEBACK=1 shows the traceback too.
+    """
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("NANOCHAT_TRACEBACK"):
+            raise
+        rank = int(os.environ.get("RANK", 0))
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        compute_cleanup()
+        sys.exit(2)
 
 
 def add_checkpoint_args(parser, default_source):
     """--source / --model-tag / --step: how every script that loads a checkpoint names it."""
     parser.add_argument("--source", type=str, default=default_source, choices=["base", "mid", "sft", "rag", "refrag"],
-                        help="which checkpoints to load ($NANOCHAT_BASE_DIR/<source>_checkpoints)")
-    parser.add_argument(*dual("model-tag"), type=str, default=None, help="model tag, e.g. d20 (None: the newest)")
+                        help="which checkpoints to load ($NANOCHAT_BASE_DIR/<source>_checkpoints); this stack has no "
+                             "mid-training stage, so mid is accepted only where such checkpoints exist")
+    parser.add_argument("--model-tag", type=str, default=None, help="model tag, e.g. d20 (None: the newest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (None: the last)")
 
 

@@ -1,8 +1,7 @@
 """
-Pretraining text: download FineWeb-Edu-style parquet shards, build the built-in offline corpus from the Python
-standard library's docs, and iterate documents of a local data directory (rank-strided, for DDP).
+Pretraining text: download FineWeb-Edu-style parquet shards and iterate documents of a local data directory
+(rank-strided, for DDP). The built-in offline corpus is built by tasks/builtin_corpus.py.
 
-    python -m nanochat.dataset --builtin                 # offline: stdlib docs -> <repo>/data/builtin/corpus
     python -m nanochat.dataset -n 8 -w 4                 # download shards 0..7 into $NANOCHAT_BASE_DIR/base_data
     python -m nanochat.dataset -n 8 --url 'https://host/path/shard_{index:05d}.parquet' --output /data/fw
 
@@ -29,12 +28,9 @@ documents back by position, which is what lets the dataloader resume exactly fro
 """
 
 import os
-import sys
 import json
 import time
-import random
 import shutil
-import argparse
 import http.client
 import urllib.error
 import urllib.request
@@ -44,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import builtin_dir, get_base_dir, atomic_path, atomic_dir, print0
+from nanochat.common import builtin_dir, get_base_dir, atomic_path, print0, ArgumentParser
 
 # -----------------------------------------------------------------------------
 # where data lives
@@ -55,7 +51,7 @@ MAX_SHARD = 1822
 URL_ENV = "NANOCHAT_DATA_URL"  # overrides DEFAULT_URL (a pattern with {index})
 DATA_DIR_ENV = "NANOCHAT_DATA_DIR"
 DATA_EXTS = (".parquet", ".jsonl", ".txt")
-OFFLINE_HINT = "to run offline use --builtin (python -m nanochat.dataset --builtin) or --data-dir DIR"
+OFFLINE_HINT = "to run offline build the built-in corpus (python -m tasks.builtin_corpus) or pass --data-dir DIR"
 
 
 def download_dir():
@@ -88,7 +84,7 @@ def default_data_dir():
             return d
     raise FileNotFoundError(
         f"no pretraining data: {download_dir()} and {builtin_corpus_dir()} hold no data files. Get some with "
-        f"`python -m nanochat.dataset --builtin` (offline, the stdlib docs) or `python -m nanochat.dataset -n 8` "
+        f"`python -m tasks.builtin_corpus` (offline, the stdlib docs) or `python -m nanochat.dataset -n 8` "
         f"(download), or point ${DATA_DIR_ENV} at a directory of .parquet/.jsonl/.txt files")
 
 
@@ -400,157 +396,22 @@ def download_shards(num_shards, output_dir=None, workers=4, url_pattern=None, re
     return [p for _, p in jobs]
 
 # -----------------------------------------------------------------------------
-# the built-in corpus: the stdlib docs of the train modules
-
-
-def format_record(rec):
-    """
-    A harvested stdlib record as a pretraining document. API records end with a one-line recap (the name, its
-    signature and the docstring's first sentence, repeated from above): answering from a retrieved document
-    is mostly copying from context, and these recaps let even the tiny CPU model practise that while
-    pretraining (only on train modules; held-out modules are not in the corpus at all).
-    """
-    kind, module, doc = rec["kind"], rec["module"], rec["doc"]
-    if kind == "topic":
-        return f"Python language reference: {rec['name']}\n\n{doc}"
-    if kind == "module":
-        return f"Module {module}\n\n{doc}"
-    head = rec["signature"] or rec["name"]
-    if kind == "class":
-        head = "class " + head
-    elif kind == "method":
-        head = rec["name"].rsplit(".", 1)[0] + "." + head
-    from nanochat.stdlib_docs import first_sentence
-    summary = first_sentence(doc)
-    recap = f"\n\nIn short, `{module}.{rec['name']}`: {summary}" + (f" Signature: {rec['signature']}" if rec["signature"] else "")
-    return f"Module {module}\n\n{head}\n\n{doc}" + (recap if summary else "")
-
-
-def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=1_000_000):
-    """
-    More real text that every Python install has: the .py source of the standard library's TRAIN modules
-    (held-out modules, tests and idlelib skipped) and, with site_packages=True, of the installed packages.
-    Returns documents "# file: <relative path>\n\n<source>", in a fixed order, up to max_chars in total.
-    """
-    import sysconfig
-    from nanochat.stdlib_docs import module_split
-    roots = [("stdlib", sysconfig.get_paths()["stdlib"])]
-    if site_packages:
-        roots += [("site-packages", p) for p in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})]
-    skip_dirs = {"__pycache__", "test", "tests", "idlelib", "site-packages", "dist-packages", "testing"}
-    docs, total = [], 0
-    for kind, root in roots:
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.endswith(".py"):
-                    continue
-                path = os.path.join(dirpath, name)
-                rel = os.path.relpath(path, root)
-                top = rel.split(os.sep)[0].removesuffix(".py")
-                if kind == "stdlib" and (top.startswith("_") or module_split(top) != "train"):
-                    continue
-                try:
-                    if os.path.getsize(path) > max_file_bytes:
-                        continue
-                    with open(path, encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError):
-                    continue
-                if not text.strip():
-                    continue
-                docs.append(f"# file: {kind}/{rel}\n\n{text}")
-                total += len(docs[-1])
-                if max_chars is not None and total >= max_chars:
-                    return docs
-    return docs
-
-
-def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modules=None, row_group_size=1000,
-                         progress=True, extra_docs=None):
-    """
-    Write the built-in corpus: every harvested stdlib record of a TRAIN module (eval and rag modules are left out
-    entirely, see nanochat/stdlib_docs.py), shuffled with a fixed seed, split evenly into num_shards parquet shards
-    (column "text"; the last shard is validation) plus manifest.json, all written into a temp dir then renamed.
-    records: pre-harvested records (else harvest(max_modules)). Returns the output dir.
-    """
-    from nanochat.stdlib_docs import harvest, record_split
-    if num_shards < 2:
-        raise ValueError(f"num_shards must be >= 2 (the last shard is validation), got {num_shards}")
-    output_dir = os.fspath(output_dir or builtin_corpus_dir())
-    if records is None:
-        records = harvest(max_modules=max_modules, progress=progress)
-    train = [r for r in records if record_split(r) == "train"]
-    held_out = sorted({r["module"].split(".")[0] for r in records if record_split(r) != "train"})
-    docs = [format_record(r) for r in sorted(train, key=lambda r: r["id"])] + list(extra_docs or [])
-    if len(docs) < num_shards:
-        raise ValueError(f"only {len(docs)} train documents for {num_shards} shards")
-    random.Random(1337).shuffle(docs)  # shards (and the validation shard) mix all modules
-    bounds = [len(docs) * i // num_shards for i in range(num_shards + 1)]
-    shards = []
-    with atomic_dir(output_dir, marker="manifest.json") as tmp:
-        for i in range(num_shards):
-            part = docs[bounds[i]:bounds[i + 1]]
-            name = f"shard_{i:05d}.parquet"
-            pq.write_table(pa.table({"text": part}), os.path.join(tmp, name), row_group_size=row_group_size)
-            shards.append({"file": name, "documents": len(part), "chars": sum(len(d) for d in part),
-                           "split": "val" if i == num_shards - 1 else "train"})
-        manifest = {
-            "what": "nanochat-rag built-in pretraining corpus: Python standard library docs of train modules",
-            "python_version": sys.version.split()[0],
-            "records_harvested": len(records),
-            "documents": len(docs),
-            "chars": sum(s["chars"] for s in shards),
-            "excluded_eval_records": len(records) - len(train),
-            "extra_documents": len(extra_docs or []),
-            "held_out_modules": held_out,
-            "split_rule": "a top-level module is in this corpus iff int(sha1(name), 16) % 5 in (3, 4) (0: eval "
-                          "questions, 1-2: RAG fine-tuning questions, nanochat/stdlib_docs.py); the held-out ones' "
-                          "records (and their submodules') are not. The last shard is validation.",
-            "shards": shards,
-        }
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-    print0(f"built-in corpus: {len(docs)} documents, {manifest['chars']:,} chars in {num_shards} shards "
-           f"-> {output_dir} ({manifest['excluded_eval_records']} records of {len(held_out)} held-out modules "
-           f"left out)")
-    return output_dir
-
-# -----------------------------------------------------------------------------
 # CLI
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Get pretraining data: --builtin builds the offline stdlib-docs "
-                                     "corpus; -n N downloads N FineWeb-Edu parquet shards from the HF hub.")
-    parser.add_argument("--builtin", action="store_true", help="build the offline corpus from the stdlib docs "
-                        "(default output <repo>/data/builtin/corpus)")
-    parser.add_argument("-n", "--num-files", type=int, default=None, help="number of shards: to download "
-                        f"(0..{MAX_SHARD} exist; the last one you get is the val split), or to write with --builtin")
+    parser = ArgumentParser(description="Download N FineWeb-Edu parquet shards from the HF hub (the offline "
+                            "built-in corpus is python -m tasks.builtin_corpus).")
+    parser.add_argument("-n", "--num-files", type=int, required=True, help="number of shards to download "
+                        f"(0..{MAX_SHARD} exist; the last one you get is the val split)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--output", type=str, default=None, help="output directory (download default: "
                         "$NANOCHAT_BASE_DIR/base_data)")
     parser.add_argument("--url", type=str, default=None, help=f"shard URL pattern with {{index}} (or ${URL_ENV}); "
                         f"default {DEFAULT_URL}")
     parser.add_argument("--retries", type=int, default=5, help="attempts per shard (exponential backoff)")
-    parser.add_argument("--with-source", action="store_true", help="--builtin: add the .py source of the train "
-                        "stdlib modules (about 10x more real text, still offline)")
-    parser.add_argument("--site-packages", action="store_true", help="--builtin --with-source: add the installed "
-                        "packages' .py source too")
-    parser.add_argument("--max-chars", type=float, default=None, help="--with-source: cap on the source text added")
     args = parser.parse_args(argv)
-    if args.builtin:
-        extra = None
-        if args.with_source:
-            extra = python_source_documents(args.site_packages, int(args.max_chars) if args.max_chars else None)
-            print0(f"python source: {len(extra):,} files, {sum(len(d) for d in extra):,} chars")
-        build_builtin_corpus(args.output, num_shards=args.num_files or (10 if extra is None else 40), extra_docs=extra)
-    elif args.num_files is not None:
-        download_shards(args.num_files, args.output, args.num_workers, args.url, args.retries)
-    else:
-        parser.error("give --builtin or -n NUM_SHARDS")
+    download_shards(args.num_files, args.output, args.num_workers, args.url, args.retries)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import json
 import time
 
-from nanochat.common import print0, dual
+from nanochat.common import print0, ArgumentParser
 from nanochat.retrieval import (DEFAULT_DENSE_MODEL, RETRIEVER_TYPES, Document, doc_hash, load_retriever, make_retriever,
                                 read_kb_meta)
 
@@ -167,11 +167,9 @@ def build_knowledge_base(document_paths, output, retriever_type="bm25", model_na
 
 
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Build (or --append to) a knowledge base directory: documents.jsonl + the retriever's index + "
-                    "kb.json, written to a temp dir and renamed into place. Flags also accept underscores "
-                    "(--chunk_size).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "kb.json, written to a temp dir and renamed into place.")
     parser.add_argument("--documents", nargs="+", required=True,
                         help="JSONL files, one document per line: ours {id?, title?, content|text, metadata?}, "
                              "BEIR corpus.jsonl {_id, title, text} or FlashRAG {id, contents}")
@@ -184,11 +182,11 @@ def main(argv=None):
                                                       f"(None means {DEFAULT_DENSE_MODEL})")
     parser.add_argument("--index", default=None, choices=("flat", "ivf", "hnsw"),
                         help="dense/hybrid FAISS index: flat (exact), ivf or hnsw (None: flat, or the KB's own with --append)")
-    parser.add_argument(*dual("chunk-size"), type=int, default=None, help="chunk documents into N-word windows (None: off)")
-    parser.add_argument(*dual("chunk-overlap"), type=int, default=0, help="words shared by consecutive chunks")
+    parser.add_argument("--chunk-size", type=int, default=None, help="chunk documents into N-word windows (None: off)")
+    parser.add_argument("--chunk-overlap", type=int, default=0, help="words shared by consecutive chunks")
     parser.add_argument("--append", action="store_true", help="add to an existing KB without re-encoding it")
-    parser.add_argument(*dual("skip-bad"), action="store_true", help="skip (and count) bad lines instead of stopping")
-    parser.add_argument(*dual("batch-size"), type=int, default=64, help="encoder batch size (dense/hybrid)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) bad lines instead of stopping")
+    parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (dense/hybrid)")
     args = parser.parse_args(argv)
     try:
         s = build_knowledge_base(args.documents, args.output, args.type, args.model, args.index, args.chunk_size,

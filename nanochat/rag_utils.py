@@ -4,19 +4,19 @@ training examples. Pure Python, no model needed.
 
     from nanochat.rag_utils import compute_ndcg, extract_citations_from_response, compute_rag_reward
     compute_ndcg(["d3", "d1"], {"d1": 1}, k=10)                  # 1 / log2(3) = 0.63
-    extract_citations_from_response("Paris [1][3], see [DOC_2]")  # [1, 3, 2]
+    extract_citations_from_response("Paris [1][3]. See [DOC_2].")  # [1, 3, 2]
     compute_rag_reward("Paris [1]", ["Paris"], docs, gold_doc_ids=["wiki-7"])
 
 Documents anywhere here are dicts {"id", "title", "content", ...} (a retrieval message's documents) or
 nanochat.retrieval.Document objects. Answer metrics (normalize_answer, exact_match, token_f1, strip_citations,
-NO_ANSWER) are the ones of tasks/common.py, the single source for the repo.
+NO_ANSWER) live in nanochat/metrics.py.
 """
 
 import re
 import math
 import random
 
-from tasks.common import NO_ANSWER, normalize_answer, exact_match, token_f1, strip_citations  # noqa: F401 (re-exported)
+from nanochat.metrics import NO_ANSWER, normalize_answer, exact_match, token_f1, strip_citations, citation_numbers, is_abstention
 from nanochat.retrieval import tokenize, insert_retrieval_message
 
 # -----------------------------------------------------------------------------
@@ -147,17 +147,10 @@ def compute_mrr(retrieved_ids, relevant_ids, k=None):
 # -----------------------------------------------------------------------------
 # citations
 
-# one bracket group: [1]  [1, 3]  [1;2]  [DOC_1]  [Doc 2, doc 3]  [document-4]
-_CITATION_GROUP = re.compile(r"\[\s*(?:doc(?:ument)?[\s_-]*)?\d+(?:\s*[,;]\s*(?:doc(?:ument)?[\s_-]*)?\d+)*\s*\]",
-                             re.IGNORECASE)
-
-
 def extract_citations_from_response(text):
-    """The document numbers a response cites, in order of first appearance, without repeats."""
-    numbers = []
-    for group in _CITATION_GROUP.findall(text):
-        numbers.extend(int(n) for n in re.findall(r"\d+", group))
-    return _unique(numbers)
+    """The document numbers a response cites, in order of first appearance, without repeats (a citation is a run
+    of [n] markers that ends a sentence, a clause or the answer: nanochat/metrics.py)."""
+    return citation_numbers(text)
 
 
 def add_citations(content, numbers):

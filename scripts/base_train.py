@@ -14,59 +14,57 @@ checkpoint at the end (and every --save-every steps) under $NANOCHAT_BASE_DIR/ba
 
 import time
 import math
-import argparse
 import contextlib
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, dual, get_autocast_ctx, lr_multiplier,
+from nanochat.common import (compute_init, compute_cleanup, print0, ArgumentParser, get_autocast_ctx, lr_multiplier,
                              synchronize, get_peak_flops, compile_and_wrap)
 
-parser = argparse.ArgumentParser(description="Pretrain a hybrid Transformer/Mamba2 base model.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = ArgumentParser(description="Pretrain a hybrid Transformer/Mamba2 base model.")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of blocks (n_layer)")
-parser.add_argument(*dual("aspect-ratio"), type=int, default=64, help="n_embd = depth * aspect_ratio (rounded up to a multiple of head_dim)")
-parser.add_argument(*dual("head-dim"), type=int, default=128, help="attention head dimension")
-parser.add_argument(*dual("n-kv-head"), type=int, default=-1, help="key/value heads for GQA (-1 = same as n_head)")
-parser.add_argument(*dual("block-pattern"), type=str, default=None,
+parser.add_argument("--aspect-ratio", type=int, default=64, help="n_embd = depth * aspect_ratio (rounded up to a multiple of head_dim)")
+parser.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+parser.add_argument("--n-kv-head", type=int, default=-1, help="key/value heads for GQA (-1 = same as n_head)")
+parser.add_argument("--block-pattern", type=str, default=None,
                     help='one letter per block: T = attention+MLP, M = Mamba2+MLP, e.g. "TTMM" or "T,T,M,M" (default all T)')
-parser.add_argument(*dual("max-seq-len"), type=int, default=2048, help="context length")
-parser.add_argument(*dual("mamba-d-state"), type=int, default=128)
-parser.add_argument(*dual("mamba-d-conv"), type=int, default=4)
-parser.add_argument(*dual("mamba-expand"), type=int, default=2)
-parser.add_argument(*dual("mamba-headdim"), type=int, default=64)
-parser.add_argument(*dual("mamba-ngroups"), type=int, default=1)
-parser.add_argument(*dual("mamba-chunk-size"), type=int, default=256)
+parser.add_argument("--max-seq-len", type=int, default=2048, help="context length")
+parser.add_argument("--mamba-d-state", type=int, default=128)
+parser.add_argument("--mamba-d-conv", type=int, default=4)
+parser.add_argument("--mamba-expand", type=int, default=2)
+parser.add_argument("--mamba-headdim", type=int, default=64)
+parser.add_argument("--mamba-ngroups", type=int, default=1)
+parser.add_argument("--mamba-chunk-size", type=int, default=256)
 # horizon (first one that is set wins: num-iterations, target-flops, target-param-data-ratio)
-parser.add_argument(*dual("num-iterations"), type=int, default=-1, help="explicit number of optimizer steps")
-parser.add_argument(*dual("target-flops"), type=float, default=-1.0, help="train for this many FLOPs")
-parser.add_argument(*dual("target-param-data-ratio"), type=float, default=20.0, help="tokens per parameter (Chinchilla = 20)")
+parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps")
+parser.add_argument("--target-flops", type=float, default=-1.0, help="train for this many FLOPs")
+parser.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla = 20)")
 # batch
-parser.add_argument(*dual("device-batch-size"), type=int, default=32, help="rows per forward pass per process")
-parser.add_argument(*dual("total-batch-size"), type=int, default=524288, help="tokens per optimizer step, all processes")
+parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per process")
+parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes")
 # optimization
-parser.add_argument(*dual("embedding-lr"), type=float, default=0.2, help="AdamW lr for the token embedding")
-parser.add_argument(*dual("unembedding-lr"), type=float, default=0.004, help="AdamW lr for lm_head")
-parser.add_argument(*dual("matrix-lr"), type=float, default=0.02, help="Muon lr for block matrices")
-parser.add_argument(*dual("mamba-lr"), type=float, default=None, help="AdamW lr for Mamba's A_log/D/dt_bias/conv/norm (None: 10x --unembedding-lr)")
-parser.add_argument(*dual("weight-decay"), type=float, default=0.0)
-parser.add_argument(*dual("grad-clip"), type=float, default=1.0, help="clip the global grad norm (0 = off)")
-parser.add_argument(*dual("warmup-ratio"), type=float, default=0.0)
-parser.add_argument(*dual("warmdown-ratio"), type=float, default=0.2)
-parser.add_argument(*dual("final-lr-frac"), type=float, default=0.0)
+parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr for the token embedding")
+parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr for lm_head")
+parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr for block matrices")
+parser.add_argument("--mamba-lr", type=float, default=None, help="AdamW lr for Mamba's A_log/D/dt_bias/conv/norm (None: 10x --unembedding-lr)")
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
+parser.add_argument("--warmup-ratio", type=float, default=0.0)
+parser.add_argument("--warmdown-ratio", type=float, default=0.2)
+parser.add_argument("--final-lr-frac", type=float, default=0.0)
 # evaluation / logging / saving
-parser.add_argument(*dual("eval-every"), type=int, default=250, help="val bpb every N steps (and at the end)")
-parser.add_argument(*dual("eval-tokens"), type=int, default=10 * 524288, help="tokens per val bpb evaluation")
-parser.add_argument(*dual("sample-every"), type=int, default=2000, help="print samples every N steps (-1 = only at the end)")
-parser.add_argument(*dual("save-every"), type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-parser.add_argument(*dual("log-every"), type=int, default=10)
+parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end)")
+parser.add_argument("--eval-tokens", type=int, default=10 * 524288, help="tokens per val bpb evaluation")
+parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end)")
+parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--log-every", type=int, default=10)
 # data / runtime
-parser.add_argument(*dual("data-dir"), type=str, default=None, help="directory of .parquet/.jsonl/.txt text shards (None: nanochat.dataset.default_data_dir())")
-parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
+parser.add_argument("--data-dir", type=str, default=None, help="directory of .parquet/.jsonl/.txt text shards (None: nanochat.dataset.default_data_dir())")
+parser.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps ('': autodetect)")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 or 0 (-1: on for CUDA)")
-parser.add_argument(*dual("model-tag"), type=str, default=None, help="checkpoint folder name (None: d<depth>)")
+parser.add_argument("--model-tag", type=str, default=None, help="checkpoint folder name (None: d<depth>)")
 parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint of --model-tag")
 parser.add_argument("--seed", type=int, default=42)
 args = parser.parse_args()

@@ -10,25 +10,23 @@ question (as in RAG fine-tuning) and the sources are listed after the answer.
 """
 
 import sys
-import argparse
 
 import torch
 
-from nanochat.common import add_checkpoint_args, compute_init, dual, get_autocast_ctx
+from nanochat.common import add_checkpoint_args, compute_init, ArgumentParser, get_autocast_ctx
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Chat with a nanochat-rag model (interactive, or one question with -p).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Chat with a nanochat-rag model (interactive, or one question with -p).")
     add_checkpoint_args(parser, default_source="sft")
     parser.add_argument("-p", "--prompt", type=str, default=None, help="answer this one question and exit")
-    parser.add_argument(*dual("knowledge-base"), type=str, default=None, help="KB directory to retrieve from (python -m nanochat.retrieval)")
-    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own)")
-    parser.add_argument(*dual("top-k"), type=int, default=3, help="documents retrieved per question")
+    parser.add_argument("--knowledge-base", type=str, default=None, help="KB directory to retrieve from (python -m nanochat.retrieval)")
+    parser.add_argument("--retriever-type", type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own)")
+    parser.add_argument("--top-k", type=int, default=3, help="documents retrieved per question")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    parser.add_argument(*dual("sample-top-k"), type=int, default=50, help="sample among the k most likely tokens")
-    parser.add_argument(*dual("max-tokens"), type=int, default=256, help="most tokens per answer")
-    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
+    parser.add_argument("--sample-top-k", type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+    parser.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     args = parser.parse_args()
 
     from nanochat.checkpoint_manager import load_model

@@ -11,12 +11,11 @@ scores the text. Under torchrun each process takes every world_size-th example a
 """
 
 import time
-import argparse
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import add_checkpoint_args, compute_init, compute_cleanup, print0, dual, get_autocast_ctx
+from nanochat.common import add_checkpoint_args, compute_init, compute_cleanup, print0, ArgumentParser, get_autocast_ctx
 
 TASK_NAMES = ["StdlibQA", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K"]
 
@@ -74,18 +73,17 @@ def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperat
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Evaluate a chat model on tasks (accuracy per task).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Evaluate a chat model on tasks (accuracy per task).")
     add_checkpoint_args(parser, default_source="sft")
     parser.add_argument("-a", "--tasks", type=str, default="StdlibQA", help=f"comma-separated: {', '.join(TASK_NAMES)}")
-    parser.add_argument(*dual("max-problems"), type=int, default=None, help="at most this many examples per task (None: all)")
-    parser.add_argument(*dual("max-new-tokens"), type=int, default=256, help="most tokens per generated answer")
+    parser.add_argument("--max-problems", type=int, default=None, help="at most this many examples per task (None: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per generated answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (generative tasks)")
-    parser.add_argument(*dual("top-k"), type=int, default=50, help="sample among the k most likely tokens")
-    parser.add_argument(*dual("batch-size"), type=int, default=8, help="rows per forward for categorical tasks")
-    parser.add_argument(*dual("hf-local"), type=str, default=None,
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward for categorical tasks")
+    parser.add_argument("--hf-local", type=str, default=None,
                         help="a local mirror of the HF hub datasets: DIR/<repo_id>/<file> is read instead of downloading")
-    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     args = parser.parse_args()
     from tasks.hf import use_hf_local
     use_hf_local(args.hf_local)

@@ -16,34 +16,32 @@ markdown (default $NANOCHAT_BASE_DIR/report/rag_eval_results.{json,md}) and the 
 
 import os
 import time
-import argparse
 
 import torch.distributed as dist
 
-from nanochat.common import (add_checkpoint_args, compute_init, compute_cleanup, print0, dual, get_autocast_ctx,
+from nanochat.common import (add_checkpoint_args, compute_init, compute_cleanup, print0, ArgumentParser, get_autocast_ctx,
                              atomic_write_json, atomic_write_text)
 
 MODES = ("closed_book", "rag")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Closed-book vs RAG evaluation of a checkpoint on QA questions.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Closed-book vs RAG evaluation of a checkpoint on QA questions.")
     add_checkpoint_args(parser, default_source="rag")
-    parser.add_argument(*dual("knowledge-base"), type=str, default=None, help="KB directory (None: the built-in stdlib KB)")
-    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own type)")
-    parser.add_argument(*dual("top-k"), type=int, default=3)
-    parser.add_argument(*dual("eval-data"), type=str, default="builtin",
+    parser.add_argument("--knowledge-base", type=str, default=None, help="KB directory (None: the built-in stdlib KB)")
+    parser.add_argument("--retriever-type", type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own type)")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--eval-data", type=str, default="builtin",
                         help="builtin (held-out stdlib modules) | squad | hotpotqa | pubmedqa:DIR | a QA JSONL file")
-    parser.add_argument(*dual("max-examples"), type=int, default=300)
-    parser.add_argument(*dual("max-new-tokens"), type=int, default=64)
+    parser.add_argument("--max-examples", type=int, default=300)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--modes", type=str, default="closed_book,rag", help="comma-separated subset of closed_book,rag")
-    parser.add_argument(*dual("retrieval-only"), action="store_true", help="only the retrieval metrics (no model)")
+    parser.add_argument("--retrieval-only", action="store_true", help="only the retrieval metrics (no model)")
     parser.add_argument("--output", type=str, default=None, help="path prefix for .json/.md (None: $NANOCHAT_BASE_DIR/report/rag_eval_results)")
-    parser.add_argument(*dual("show-examples"), type=int, default=3, help="print this many example answers per mode")
-    parser.add_argument(*dual("hf-local"), type=str, default=None,
+    parser.add_argument("--show-examples", type=int, default=3, help="print this many example answers per mode")
+    parser.add_argument("--hf-local", type=str, default=None,
                         help="a local mirror of the HF hub datasets: DIR/<repo_id>/<file> is read instead of downloading")
-    parser.add_argument(*dual("device-type"), type=str, default="", help="cuda | cpu | mps ('': autodetect)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     return parser
 
 
@@ -51,7 +49,7 @@ def build_parser():
 # scoring one answer
 
 def score_answer(answer, example, documents, with_docs):
-    from tasks.common import NO_ANSWER, normalize_answer, exact_match, token_f1, strip_citations
+    from nanochat.metrics import NO_ANSWER, normalize_answer, exact_match, token_f1, strip_citations
     from nanochat.rag_utils import check_hallucination, citation_correctness, extract_citations_from_response
     answers = example.get("answers") or [NO_ANSWER]
     text = strip_citations(answer)
@@ -109,7 +107,7 @@ def main():
     use_hf_local(args.hf_local)
     from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts
     from nanochat.report import write_stage, report_dir
-    from scripts.rag_finetune import load_qa, default_kb
+    from tasks.registry import load_task, default_kb
     from nanochat.rag_utils import doc_key
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -119,7 +117,7 @@ def main():
     if not os.path.isdir(kb):
         raise FileNotFoundError(f"knowledge base {kb} does not exist; build it with python -m nanochat.retrieval")
     manager = RetrievalManager(args.retriever_type, kb)
-    qa = load_qa(args.eval_data, "eval")
+    qa = load_task(args.eval_data, "test")
     n = min(len(qa), args.max_examples) if args.max_examples > 0 else len(qa)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:

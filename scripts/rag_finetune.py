@@ -2,7 +2,7 @@
 RAG fine-tuning: teach a model to answer from retrieved documents and cite them as [n].
 
     python -m scripts.rag_finetune --source sft --knowledge-base data/builtin/kb --retriever-type bm25 --top-k 3
-    torchrun --standalone --nproc_per_node=8 -m scripts.rag_finetune -- --source sft --knowledge_base KB --top_k 5
+    torchrun --standalone --nproc_per_node=8 -m scripts.rag_finetune --source sft --knowledge_base KB --top_k 5
     python -m scripts.rag_finetune --source base --train-data my_qa.jsonl --knowledge-base KB --block-pattern TTMM
 
 Training conversations are QA examples with a retrieval message inserted (tasks/rag_task.py): the question
@@ -12,79 +12,49 @@ by default: when retrieval missed the gold document it is swapped in, and with p
 removed and the target becomes "The documents do not contain the answer.", so the model learns to rely on
 the documents and to say when they do not help. Documents are masked out of the loss.
 
-The loop, packing, schedule, eval, checkpointing and resume are chat_sft's (scripts/chat_sft.py run_sft);
-the result is saved as a `rag` checkpoint (load_model("rag")). Every flag also takes the underscore spelling
-(--model_tag, --knowledge_base, --block_pattern, --retriever_type, --top_k, --device_batch_size, ...).
+The loop (packing, schedule, eval, checkpointing, resume) is nanochat/sft.py; the result is saved as a `rag`
+checkpoint (load_model("rag")). Every flag also takes the seed's underscore spelling (--model_tag, --top_k, ...).
 """
 
-import os
+from nanochat.common import ArgumentParser, print0, run_main
+from nanochat.retrieval import RetrievalManager
+from nanochat.sft import add_sft_args, run_sft
+from tasks.hf import use_hf_local
+from tasks.rag_task import create_rag_task
+from tasks.registry import load_task, default_kb
 
-from nanochat.common import dual, print0, builtin_dir
-from scripts.chat_sft import build_parser, run_sft
-
-
-def build_rag_parser():
-    parser = build_parser("RAG fine-tuning: answer from retrieved documents with citations.", default_source="sft",
-                          default_data="none")
-    parser.add_argument(*dual("knowledge-base"), type=str, default=None,
-                        help="KB directory (python -m nanochat.retrieval); None: the built-in stdlib KB for --train-data builtin")
-    parser.add_argument(*dual("retriever-type"), type=str, default=None, help="simple|bm25|dense|hybrid (None: the KB's own type)")
-    parser.add_argument(*dual("top-k"), type=int, default=3, help="documents per question")
-    parser.add_argument(*dual("train-data"), type=str, default="builtin",
-                        help="builtin (stdlib QA, offline) | squad | hotpotqa | pubmedqa:DIR | a QA JSONL file (our QA schema)")
-    parser.add_argument(*dual("rag-kind"), type=str, default="rag", choices=["rag", "multihop"],
-                        help="single retrieval, or two hops (the second query adds what the first hop found)")
-    parser.add_argument(*dual("no-raft"), action="store_true", help="train on the retrieved documents as they are")
-    parser.add_argument(*dual("p-no-gold"), type=float, default=0.2, help="RAFT: fraction of examples whose gold document is removed")
-    parser.add_argument(*dual("val-examples"), type=int, default=200, help="training questions held back for the val loss")
-    parser.add_argument(*dual("max-examples"), type=int, default=-1, help="use at most this many training questions")
-    return parser
-
-
-def load_qa(spec, split):
-    """A QA task (our QA schema: messages + answers + gold_doc_ids) from --train-data."""
-    if spec == "builtin":
-        from tasks.stdlib_qa import StdlibQA
-        return StdlibQA(split)
-    if spec == "squad":
-        from tasks.qa import SQuAD
-        return SQuAD(split="train" if split == "train" else "validation")
-    if spec == "hotpotqa":
-        from tasks.qa import HotpotQA
-        return HotpotQA(split="train" if split == "train" else "validation")
-    if spec.startswith("pubmedqa:"):
-        from tasks.qa import PubMedQA
-        return PubMedQA(split="train" if split == "train" else "test", local_path=spec.split(":", 1)[1])
-    if os.path.isfile(spec):
-        from tasks.qa import QAJsonl
-        return QAJsonl(spec)
-    raise ValueError(f"--train-data {spec!r}: expected builtin, squad, hotpotqa, pubmedqa:DIR or an existing JSONL file")
-
-
-def default_kb():
-    return os.path.join(builtin_dir(), "kb")
+parser = ArgumentParser(description="RAG fine-tuning: answer from retrieved documents with citations.")
+add_sft_args(parser, default_source="sft")
+parser.add_argument("--knowledge-base", type=str, default=None,
+                    help="KB directory (python -m nanochat.retrieval); None: the built-in stdlib KB for --train-data builtin")
+parser.add_argument("--retriever-type", type=str, default=None,
+                    help="simple|bm25|dense|hybrid, checked against the KB (None: the KB's own type)")
+parser.add_argument("--top-k", type=int, default=3, help="documents per question")
+parser.add_argument("--train-data", type=str, default="builtin",
+                    help="a task name of tasks/registry.py (builtin, squad, hotpotqa, pubmedqa:DIR) or a QA JSONL file")
+parser.add_argument("--rag-kind", type=str, default="rag", choices=["rag", "multihop"],
+                    help="single retrieval, or two hops (the second query adds what the first hop found)")
+parser.add_argument("--no-raft", action="store_true", help="train on the retrieved documents as they are")
+parser.add_argument("--p-no-gold", type=float, default=0.2, help="RAFT: fraction of examples whose gold document is removed")
+parser.add_argument("--val-examples", type=int, default=200, help="training questions held back for the val loss")
+parser.add_argument("--max-examples", type=int, default=-1, help="use at most this many training questions")
 
 
 def build_rag_tasks(args):
-    """(train_task, val_task): the training questions minus the last --val-examples, which give the val loss."""
-    from nanochat.retrieval import RetrievalManager
-    from tasks.rag_task import create_rag_task
+    """(train_task, val_task): the training questions minus the first --val-examples, which give the val loss."""
     kb = args.knowledge_base or (default_kb() if args.train_data == "builtin" else None)
     if kb is None:
         raise ValueError("--knowledge-base is required unless --train-data builtin")
-    if not os.path.isdir(kb):
-        raise FileNotFoundError(f"knowledge base {kb} does not exist; build it with python -m nanochat.retrieval "
-                                f"--documents DOCS.jsonl --output {kb} --type bm25")
     manager = RetrievalManager(args.retriever_type, kb)
-    qa = load_qa(args.train_data, "train")
+    qa = load_task(args.train_data, "train")
     n = len(qa) if args.max_examples <= 0 else min(len(qa), args.max_examples)
     n_val = min(args.val_examples, n // 10)
-    common = dict(base_task=qa, retriever=manager, top_k=args.top_k, seed=args.seed)
     if args.rag_kind == "multihop":
         common = dict(base_task=qa, retriever=manager, top_k_per_hop=args.top_k, num_hops=2)
         train = create_rag_task("multihop", start=n_val, stop=n, **common)
         val = create_rag_task("multihop", start=0, stop=n_val, **common) if n_val else None
     else:
+        common = dict(base_task=qa, retriever=manager, top_k=args.top_k, seed=args.seed)
         train = create_rag_task("rag", raft=not args.no_raft, p_no_gold=args.p_no_gold, start=n_val, stop=n, **common)
         val = create_rag_task("rag", raft=False, start=0, stop=n_val, **common) if n_val else None
     # retrieval happens here, once per example, so the training loop never waits on it
@@ -95,9 +65,12 @@ def build_rag_tasks(args):
     return train, val
 
 
-if __name__ == "__main__":
-    args = build_rag_parser().parse_args()
-    from tasks.hf import use_hf_local
+def main():
+    args = parser.parse_args()
     use_hf_local(args.hf_local)
     train_task, val_task = build_rag_tasks(args)
     run_sft(args, train_task, val_task, out_source="rag", stage="rag_finetune")
+
+
+if __name__ == "__main__":
+    run_main(main)

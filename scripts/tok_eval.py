@@ -9,9 +9,10 @@ The tiktoken encodings download their files on first use; offline they are repor
 """
 
 import os
-import argparse
 
-parser = argparse.ArgumentParser(description="Tokenizer compression vs GPT-2 / GPT-4 (bytes per token)")
+from nanochat.common import ArgumentParser  # noqa: E402
+
+parser = ArgumentParser(description="Tokenizer compression vs GPT-2 / GPT-4 (bytes per token)")
 parser.add_argument("--tokenizer-dir", type=str, default=None,
                     help="directory with tokenizer.json (default: $NANOCHAT_BASE_DIR/tokenizer)")
 parser.add_argument("--data-dir", type=str, default=None,

@@ -11,9 +11,10 @@ prints the training time and the compression (UTF-8 bytes per token) on the val 
 
 import os
 import time
-import argparse
 
-parser = argparse.ArgumentParser(description="Train the nanochat-rag BPE tokenizer (rustbpe -> tiktoken)")
+from nanochat.common import ArgumentParser  # noqa: E402
+
+parser = ArgumentParser(description="Train the nanochat-rag BPE tokenizer (rustbpe -> tiktoken)")
 parser.add_argument("--vocab-size", type=int, default=32768,
                     help="total vocabulary size, special tokens included (default: 32768 = 2^15)")
 parser.add_argument("--max-chars", type=lambda s: int(float(s)), default=2_000_000_000,

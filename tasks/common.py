@@ -1,33 +1,22 @@
 """
-The Task abstraction shared by every dataset in tasks/, plus the answer metrics everyone else imports.
+The Task abstraction shared by every dataset in tasks/, and the conversation-schema checks its loaders use.
 
 A Task is a lazy, sliceable view over a list of examples. Each example is a conversation dict
-({"messages": [...]}, see /work/shared/DESIGN.md), possibly with extra keys (QA examples carry "answers",
+({"messages": [...]}, see ../shared/DESIGN.md), possibly with extra keys (QA examples carry "answers",
 "gold_doc_ids", "documents"; multiple-choice ones carry "letters"). Views compose:
 
-    from tasks.common import TaskMixture, TaskSequence
+    from tasks.common import TaskMixture
     from tasks.gsm8k import GSM8K
     train = TaskMixture([GSM8K("main", "train"), SmolTalk("train")], seed=42)  # shuffled (task, idx) pairs
     rank_view = GSM8K("main", "test", start=rank, step=world_size)            # DDP striding
     conversation = train[0]
 
-Metrics (the single source for the whole repo; nanochat/rag_eval imports these):
-    normalize_answer(s)          SQuAD-style: lowercase, no punctuation, no a/an/the, squashed whitespace
-    exact_match(pred, answers)   max over answers of normalized equality
-    token_f1(pred, answers)      max over answers of the bag-of-tokens F1 (Rajpurkar et al., 2016)
-    strip_citations(text)        drop "[1]", "[1, 2]", "[DOC_1]" markers before scoring
+Answer metrics (EM, F1, citation stripping, NO_ANSWER) live in nanochat/metrics.py.
 """
 
-import re
 import bisect
 import random
-import string
 from abc import ABC, abstractmethod
-from collections import Counter
-
-# The canonical answer to a question the documents cannot answer (SQuAD v2 unanswerable questions,
-# retrieval failures). Everyone uses this exact string so a model can be trained to abstain and scored on it.
-NO_ANSWER = "The documents do not contain the answer."
 
 # -----------------------------------------------------------------------------
 # Task views
@@ -86,42 +75,6 @@ class Task(ABC):
     def __iter__(self):
         for physical in self._view():
             yield self.get_example(physical)
-
-
-class TaskSequence(Task):
-    """The tasks one after another, in order (each task's own view applied)."""
-
-    def __init__(self, tasks, **view):
-        super().__init__(**view)
-        if not tasks:
-            raise ValueError("TaskSequence needs at least one task")
-        self.tasks = list(tasks)
-        self.offsets = [0]  # offsets[i] = index of the first example of tasks[i]
-        for task in self.tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
-
-    @property
-    def eval_type(self):
-        kinds = {task.eval_type for task in self.tasks}
-        if len(kinds) != 1:
-            raise TypeError(f"TaskSequence mixes eval types {sorted(kinds)}; evaluate each task on its own")
-        return kinds.pop()
-
-    def num_examples(self):
-        return self.offsets[-1]
-
-    def locate(self, index):
-        """(task_idx, idx within that task's view) of an underlying index."""
-        task_idx = bisect.bisect_right(self.offsets, index) - 1
-        return task_idx, index - self.offsets[task_idx]
-
-    def get_example(self, index):
-        task_idx, local = self.locate(index)
-        return self.tasks[task_idx][local]
-
-    def evaluate(self, conversation, assistant_response):
-        raise TypeError("a TaskSequence does not know which of its tasks a conversation came from; "
-                        "call evaluate on the task itself")
 
 
 class TaskMixture(Task):
@@ -285,56 +238,3 @@ def validate_conversation(conversation, where="conversation"):
                         raise ValueError(f"{here}: part {j} has unknown type {ptype!r}")
     if expect != "user":
         raise ValueError(f"{where}: the conversation must end with an assistant message")
-
-
-# -----------------------------------------------------------------------------
-# answer metrics (SQuAD v1.1 evaluation conventions)
-
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-# [1]  [1, 2]  [1][2]  [DOC_1]  [Doc 2]  [document-3], with the whitespace before it ("Paris [1]." -> "Paris.")
-_CITATION = re.compile(r"\s*\[\s*(?:doc(?:ument)?[\s_-]*)?\d+(?:\s*[,;]\s*(?:doc(?:ument)?[\s_-]*)?\d+)*\s*\]",
-                       re.IGNORECASE)
-
-
-def normalize_answer(s):
-    """Lowercase, drop ASCII punctuation, drop the articles a/an/the, squash whitespace (the SQuAD order)."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def strip_citations(text):
-    """Remove citation markers like [1], [1, 2], [DOC_3] so they do not count against an answer."""
-    return " ".join(_CITATION.sub("", text).split())
-
-
-def _as_list(answers):
-    return [answers] if isinstance(answers, str) else list(answers)
-
-
-def exact_match(pred, answers):
-    """True if the normalized prediction equals any normalized answer. With no answers (SQuAD v2
-    unanswerable), the reference is the empty string, as in the official v2 script."""
-    answers = _as_list(answers) or [""]
-    p = normalize_answer(pred)
-    return any(p == normalize_answer(a) for a in answers)
-
-
-def _f1(pred_tokens, gold_tokens):
-    if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)  # both empty -> 1, one empty -> 0
-    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if common == 0:
-        return 0.0
-    precision = common / len(pred_tokens)
-    recall = common / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def token_f1(pred, answers):
-    """Max over answers of the F1 between the bags of normalized tokens (float in [0, 1])."""
-    answers = _as_list(answers) or [""]
-    p = normalize_answer(pred).split()
-    return max(_f1(p, normalize_answer(a).split()) for a in answers)

@@ -1,10 +1,12 @@
 """
-CustomJSON: a task from a local JSONL file of conversations, one per line, in the shared schema:
+CustomJSON: a task from a local JSONL file of conversations, one per line, in the shared schema, and the base of
+every JSONL-backed task (QAJsonl, StaticRAGTask, the built-in StdlibQA / StdlibChat):
 
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}], ...extra keys}
 
-A bare list of messages per line (nanochat's identity_conversations.jsonl format) is accepted too. Every line
-is validated up front; a bad one raises ValueError("file:line: reason"). Extra keys are kept.
+A bare list of messages per line (nanochat's identity_conversations.jsonl format) is accepted too. Every line is
+read with nanochat.common.iter_jsonl and validated up front (subclasses add their own checks in validate()); a bad
+line raises ValueError("file:line: reason"). Extra keys are kept.
 
     from tasks.customjson import CustomJSON
     task = CustomJSON("my_convos.jsonl", start=0, stop=100)
@@ -12,35 +14,10 @@ is validated up front; a bad one raises ValueError("file:line: reason"). Extra k
 
 import os
 import copy
-import json
 
-from tasks.common import Task, validate_conversation, assistant_text, exact_match
-
-
-def read_conversations_jsonl(filepath):
-    """All conversations of a JSONL file, validated; errors name file:line."""
-    filepath = os.fspath(filepath)
-    if not os.path.isfile(filepath):
-        raise FileNotFoundError(f"CustomJSON: no such file {filepath}")
-    conversations = []
-    with open(filepath, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{filepath}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, list):
-                obj = {"messages": obj}
-            if not isinstance(obj, dict) or "messages" not in obj:
-                raise ValueError(f"{where}: expected an object with a 'messages' list")
-            validate_conversation(obj, where)
-            conversations.append(obj)
-    if not conversations:
-        raise ValueError(f"{filepath}: no conversations in file")
-    return conversations
+from nanochat.common import iter_jsonl
+from nanochat.metrics import exact_match, strip_citations
+from tasks.common import Task, validate_conversation, assistant_text
 
 
 class CustomJSON(Task):
@@ -48,19 +25,32 @@ class CustomJSON(Task):
     def __init__(self, filepath, **view):
         super().__init__(**view)
         self.filepath = os.fspath(filepath)
-        self.conversations = read_conversations_jsonl(self.filepath)
+        self.examples = []
+        for where, obj in iter_jsonl(self.filepath, allow_lists=True):
+            if isinstance(obj, list):
+                obj = {"messages": obj}
+            self.validate(obj, where)
+            self.examples.append(obj)
+        if not self.examples:
+            raise ValueError(f"{self.filepath}: no examples in file")
+
+    def validate(self, example, where):
+        """Raise ValueError(f"{where}: ...") unless example fits this task (here: a conversation)."""
+        if "messages" not in example:
+            raise ValueError(f"{where}: expected an object with a 'messages' list")
+        validate_conversation(example, where)
 
     @property
     def eval_type(self):
         return "generative"
 
     def num_examples(self):
-        return len(self.conversations)
+        return len(self.examples)
 
     def get_example(self, index):
-        return copy.deepcopy(self.conversations[index])  # callers may augment it in place
+        return copy.deepcopy(self.examples[index])  # callers may augment it in place
 
     def evaluate(self, conversation, assistant_response):
-        """Normalized exact match of the response against the conversation's last assistant message."""
-        reference = assistant_text(conversation["messages"][-1])
-        return exact_match(assistant_response, [reference])
+        """Normalized exact match (citations stripped) against the example's answers, else its last assistant text."""
+        answers = conversation.get("answers") or [assistant_text(conversation["messages"][-1])]
+        return exact_match(strip_citations(assistant_response), [strip_citations(a) for a in answers])

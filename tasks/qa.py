@@ -25,8 +25,9 @@ import hashlib
 from tqdm import tqdm
 
 from nanochat.common import get_base_dir
-from tasks.common import (Task, NO_ANSWER, check_choice, shuffled_order, validate_conversation,
-                          validate_documents, assistant_text, exact_match, strip_citations)
+from nanochat.metrics import NO_ANSWER, exact_match, strip_citations
+from tasks.common import (Task, check_choice, shuffled_order, validate_conversation, validate_documents,
+                          assistant_text)
 from tasks.hf import read_records, read_rows, task_files, download_url, hf_dataset_file
 
 # -----------------------------------------------------------------------------

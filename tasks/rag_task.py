@@ -24,7 +24,8 @@ import random
 
 from tqdm import tqdm
 
-from tasks.common import Task, NO_ANSWER, validate_conversation, exact_match, strip_citations, assistant_text
+from nanochat.metrics import NO_ANSWER, exact_match, strip_citations
+from tasks.common import Task, validate_conversation, assistant_text
 from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts, last_user_message
 from nanochat.rag_utils import add_citations, as_doc_dict, doc_key, extract_citations_from_response
 

@@ -9,7 +9,8 @@ arXiv:2502.02737; the subset built for models under 1B parameters: ~460K train /
 Each row has a `messages` column: an optional system message, then user/assistant turns.
 """
 
-from tasks.common import Task, check_choice, shuffled_order, validate_conversation, assistant_text, exact_match
+from nanochat.metrics import exact_match
+from tasks.common import Task, check_choice, shuffled_order, validate_conversation, assistant_text
 from tasks.hf import read_rows, task_files
 
 REPO_ID = "HuggingFaceTB/smol-smoltalk"

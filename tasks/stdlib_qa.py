@@ -1,5 +1,5 @@
 """
-The built-in offline RAG data, made from the Python standard library's documentation (nanochat/stdlib_docs.py):
+The built-in offline RAG data, made from the Python standard library's documentation (tasks/stdlib_docs.py):
 a knowledge base, QA examples whose answers are only in the docs, and closed-book SFT chat. Plus the Task classes
 that read them.
 
@@ -31,8 +31,8 @@ Files written (each to a temp file, all renamed into place together at the end):
                          that names an eval or rag module is dropped (mentions_held_out_module).
     manifest.json        python version, counts, the held-out module list and the split rule.
 
-The split rule (nanochat/stdlib_docs.module_split): whole top-level packages by sha1(name) % 5: 0 = eval,
-1-2 = rag, 3-4 = train. The pretraining corpus (python -m nanochat.dataset --builtin) and the SFT chat contain
+The split rule (tasks/stdlib_docs.module_split): whole top-level packages by sha1(name) % 5: 0 = eval,
+1-2 = rag, 3-4 = train. The pretraining corpus (python -m tasks.builtin_corpus) and the SFT chat contain
 only train modules, so in qa_train and qa_eval alike the answer can only come from the retrieved document: RAG
 fine-tuning has to teach reading (not recall), and qa_eval measures what retrieval adds on modules the RAG
 fine-tuning never saw either.
@@ -49,10 +49,11 @@ import contextlib
 from collections import Counter
 
 from nanochat.common import repo_dir, builtin_dir, atomic_path, print0
-from nanochat.stdlib_docs import (harvest, module_split, record_split, top_level_modules, squash, SIG_LINE,
+from tasks.stdlib_docs import (harvest, module_split, record_split, top_level_modules, squash, SIG_LINE,
                                   UNDERLINE, paragraphs, prose, first_paragraph, first_sentence)
-from tasks.common import Task, exact_match, token_f1, strip_citations, assistant_text, check_choice
-from tasks.customjson import read_conversations_jsonl
+from nanochat.metrics import exact_match, token_f1, strip_citations
+from tasks.common import Task, assistant_text, check_choice
+from tasks.customjson import CustomJSON
 
 KB_DOC_CHARS = 1200
 IDENTITY_FILE = os.path.join(repo_dir(), "data", "identity_conversations.jsonl")
@@ -316,7 +317,7 @@ def build_stdlib_data(output_dir=None, max_docs=4000, max_train=3000, max_eval=3
     # SFT chat: train modules only, eval and rag module names filtered out, ~5% to val; identity conversations mixed in
     sft = sft_conversations(records, max_sft)
     if identity_file and os.path.exists(identity_file):
-        sft += [(f"identity:{i}", c) for i, c in enumerate(read_conversations_jsonl(identity_file))]
+        sft += [(f"identity:{i}", c) for i, c in enumerate(CustomJSON(identity_file).examples)]
     elif identity_file:
         raise FileNotFoundError(f"identity conversations not found at {identity_file}")
     # every held-out name of this Python, not just the harvested ones (harvest(modules=...) may be a subset)
@@ -340,7 +341,7 @@ def build_stdlib_data(output_dir=None, max_docs=4000, max_train=3000, max_eval=3
         "held_out_modules": tops["eval"],
         "rag_modules": tops["rag"],
         "split_rule": "a top-level module (and all its submodules) goes by h = int(hashlib.sha1(name.encode())"
-                      ".hexdigest(), 16) % 5 (nanochat/stdlib_docs.py): h == 0 eval (qa_eval), h in (1, 2) rag "
+                      ".hexdigest(), 16) % 5 (tasks/stdlib_docs.py): h == 0 eval (qa_eval), h in (1, 2) rag "
                       "(qa_train), else train (pretraining corpus and SFT chat). The pretraining corpus and SFT "
                       "data contain no record of an eval or rag module; the KB contains all three.",
         "args": {"max_docs": max_docs, "max_train": max_train, "max_eval": max_eval, "max_sft": max_sft},
@@ -372,57 +373,29 @@ def _data_file(data_dir, name):
     return path
 
 
-class StdlibQA(Task):
-    """QA about the stdlib docs: split "train" (rag modules) or "eval" (eval modules). Generative;
-    evaluate = SQuAD-normalized exact match (citations stripped); f1 = token F1."""
+class StdlibQA(CustomJSON):
+    """QA about the stdlib docs: split "train" (rag modules) or "eval" (eval modules). Generative; evaluate =
+    SQuAD-normalized exact match (citations stripped); f1 = token F1."""
 
     def __init__(self, split="train", data_dir=None, **view):
-        super().__init__(**view)
         self.split = check_choice("split", split, ("train", "eval"))
-        self.path = _data_file(data_dir, f"qa_{split}.jsonl")
-        self.examples = read_conversations_jsonl(self.path)
-        for i, ex in enumerate(self.examples):
-            if not isinstance(ex.get("answers"), list) or not ex["answers"]:
-                raise ValueError(f"{self.path}: example {i} ({ex.get('id')!r}) has no 'answers' list")
+        super().__init__(_data_file(data_dir, f"qa_{split}.jsonl"), **view)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.examples)
-
-    def get_example(self, index):
-        return copy.deepcopy(self.examples[index])
-
-    def evaluate(self, conversation, assistant_response):
-        return exact_match(strip_citations(assistant_response), conversation["answers"])
+    def validate(self, example, where):
+        super().validate(example, where)
+        if not isinstance(example.get("answers"), list) or not example["answers"]:
+            raise ValueError(f"{where}: example {example.get('id')!r} has no 'answers' list")
 
     def f1(self, conversation, assistant_response):
         return token_f1(strip_citations(assistant_response), conversation["answers"])
 
 
-class StdlibChat(Task):
+class StdlibChat(CustomJSON):
     """Closed-book chat about train-module docs plus identity conversations: split "train" or "val"."""
 
     def __init__(self, split="train", data_dir=None, **view):
-        super().__init__(**view)
         self.split = check_choice("split", split, ("train", "val"))
-        self.path = _data_file(data_dir, f"sft_{split}.jsonl")
-        self.conversations = read_conversations_jsonl(self.path)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.conversations)
-
-    def get_example(self, index):
-        return copy.deepcopy(self.conversations[index])
-
-    def evaluate(self, conversation, assistant_response):
-        return exact_match(assistant_response, [assistant_text(conversation["messages"][-1])])
+        super().__init__(_data_file(data_dir, f"sft_{split}.jsonl"), **view)
 
 
 if __name__ == "__main__":

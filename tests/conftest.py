@@ -61,8 +61,8 @@ PIPELINE_MODULES = ["json", "textwrap", "heapq", "bisect", "string", "shlex", "c
 @pytest.fixture(scope="session")
 def pipeline_data(tmp_path_factory):
     """Built-in data from a handful of stdlib modules (a few held out for eval, a few for the RAG questions) + a 512-token tokenizer."""
-    from nanochat.stdlib_docs import harvest, module_split
-    from nanochat.dataset import build_builtin_corpus
+    from tasks.stdlib_docs import harvest, module_split
+    from tasks.builtin_corpus import build_builtin_corpus
     from tasks.stdlib_qa import build_stdlib_data
     from nanochat.tokenizer import Tokenizer
     from nanochat.dataset import iter_texts

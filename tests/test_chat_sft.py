@@ -12,7 +12,7 @@ import torch
 
 from test_base_train import check_resume
 from conftest import run_script
-from scripts.chat_sft import sft_batches
+from nanochat.sft import sft_batches
 
 
 class ListTask(list):

@@ -1,6 +1,6 @@
 """
 Tests for nanochat/dataset.py: local data dirs (parquet/jsonl/txt), the train/val split, rank striding,
-bad-input errors, the built-in stdlib corpus, and the shard downloader against a local HTTP server.
+bad-input errors, and the shard downloader against a local HTTP server.
 
     pytest -q tests/test_dataset.py
 """
@@ -16,8 +16,7 @@ import pyarrow.parquet as pq
 
 from nanochat import dataset
 from nanochat.dataset import (list_data_files, iter_texts, iter_documents, read_documents, parquets_iter_batched,
-                              build_builtin_corpus, download_file, download_shards, default_data_dir)
-from nanochat.stdlib_docs import harvest, module_split
+                              download_file, download_shards, default_data_dir)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -148,54 +147,12 @@ def test_default_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("NANOCHAT_DATA_DIR")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.setattr(dataset, "builtin_corpus_dir", lambda: str(tmp_path / "no_builtin"))
-    with pytest.raises(FileNotFoundError, match="--builtin"):
+    with pytest.raises(FileNotFoundError, match="tasks.builtin_corpus"):
         default_data_dir()
     base_data = tmp_path / "base" / "base_data"
     base_data.mkdir(parents=True)
     write_parquet(base_data / "shard_00000.parquet", ["x"], 10)
     assert default_data_dir() == str(base_data)
-
-# -----------------------------------------------------------------------------
-# the built-in corpus
-
-MODULES = ["json", "textwrap", "shlex", "heapq", "glob", "base64", "fnmatch"]
-
-
-@pytest.fixture(scope="module")
-def records():
-    return harvest(modules=MODULES, progress=False, include_topics=False)
-
-
-def test_builtin_corpus(tmp_path, records):
-    assert {module_split(m) for m in MODULES} == {"train", "rag", "eval"}  # the fixture covers all three sides
-    out = build_builtin_corpus(tmp_path / "corpus", num_shards=3, records=records, row_group_size=5,
-                               progress=False)
-    files = list_data_files(out)
-    assert [os.path.basename(f) for f in files] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
-    train, val = list(iter_texts(out, "train")), list(iter_texts(out, "val"))
-    n_train_records = sum(1 for r in records if module_split(r["module"]) == "train")
-    assert len(train) + len(val) == n_train_records == manifest["documents"]
-    assert manifest["shards"][-1]["split"] == "val" and manifest["shards"][-1]["documents"] == len(val)
-    assert sorted(manifest["held_out_modules"]) == sorted(m for m in MODULES if module_split(m) != "train")
-    assert not set(train) & set(val)
-    assert pq.ParquetFile(files[0]).metadata.num_row_groups >= 2  # row groups of row_group_size docs
-    # no record of a held-out module, under any name: module header or dotted id
-    for text in train + val:
-        header = text.split("\n", 1)[0]
-        assert header.startswith("Module ")
-        assert module_split(header[len("Module "):]) == "train", header
-        for m in MODULES:
-            if module_split(m) != "train":
-                assert f"Module {m}" not in text
-    assert any(t.startswith("Module textwrap\n\ndedent(text)\n\n") for t in train + val)
-    # rebuilding replaces the directory atomically and gives the same bytes (deterministic)
-    before = {f: open(f, "rb").read() for f in files}
-    build_builtin_corpus(out, num_shards=3, records=records, row_group_size=5, progress=False)
-    assert {f: open(f, "rb").read() for f in list_data_files(out)} == before
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp dirs left behind
-    with pytest.raises(ValueError, match="num_shards must be >= 2"):
-        build_builtin_corpus(tmp_path / "x", num_shards=1, records=records)
 
 # -----------------------------------------------------------------------------
 # downloading, against a local server
@@ -278,7 +235,7 @@ def test_download_failures_leave_nothing(tmp_path, server):
     assert len(server.requests) == 4
     port = server.httpd.server_address[1]
     server.close()  # nobody listening: the offline message
-    with pytest.raises(ConnectionError, match="to run offline use --builtin"):
+    with pytest.raises(ConnectionError, match="to run offline use"):
         download_file(f"http://127.0.0.1:{port}/x.parquet", str(out / "x.parquet"), retries=2, backoff=0.01)
     assert os.listdir(out) == []
 
@@ -286,4 +243,4 @@ def test_download_failures_leave_nothing(tmp_path, server):
 def test_cli_help(capsys):
     with pytest.raises(SystemExit):
         dataset.main(["--help"])
-    assert "--builtin" in capsys.readouterr().out
+    assert "--num-files" in capsys.readouterr().out

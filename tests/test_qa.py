@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import repo_dir
-from tasks.common import NO_ANSWER
+from nanochat.metrics import NO_ANSWER
 from tasks.qa import (SQuAD, HotpotQA, PubMedQA, QAJsonl, squad_corpus, hotpot_corpus, pubmedqa_corpus,
                       validate_qa_example, squad_doc_id, join_sentences, make_qa_example, QATask)
 import tasks.qa

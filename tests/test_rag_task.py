@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from tasks.common import Task, NO_ANSWER, validate_conversation
+from nanochat.metrics import NO_ANSWER
+from tasks.common import Task, validate_conversation
 from tasks.rag_task import RAGTask, StaticRAGTask, MultiHopRAGTask, create_rag_task, make_hop_query
 from nanochat.kb import build_knowledge_base
 from nanochat.retrieval import RetrievalManager

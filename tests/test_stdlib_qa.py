@@ -1,5 +1,5 @@
 """
-Tests for the built-in offline data: nanochat/stdlib_docs.py (the harvest and the held-out split) and
+Tests for the built-in offline data: tasks/stdlib_docs.py (the harvest and the held-out split) and
 tasks/stdlib_qa.py (KB, QA, SFT files and the StdlibQA / StdlibChat tasks).
 
     pytest -q tests/test_stdlib_qa.py
@@ -13,10 +13,10 @@ import hashlib
 
 import pytest
 
-from nanochat.stdlib_docs import harvest, module_split, is_eval_module, record_split, top_level_modules
+from tasks.stdlib_docs import harvest, module_split, is_eval_module, record_split, top_level_modules
 from tasks.stdlib_qa import (build_stdlib_data, first_sentence, first_paragraph, prose, mentions_held_out_module,
                              contains_answer, StdlibQA, StdlibChat, IDENTITY_FILE)
-from tasks.customjson import read_conversations_jsonl
+from tasks.customjson import CustomJSON
 
 MODULES = ["json", "textwrap", "shlex", "os", "heapq", "re", "random", "queue", "glob", "base64", "fnmatch", "difflib"]
 KINDS = {"module", "function", "class", "method", "topic"}
@@ -209,7 +209,7 @@ def test_sft_has_no_eval_or_rag_modules(built):
     eval_tops = [m for m in MODULES if module_split(m) != "train"]
     rows = read_jsonl(os.path.join(built, "sft_train.jsonl")) + read_jsonl(os.path.join(built, "sft_val.jsonl"))
     assert len(rows) > 30
-    identity = read_conversations_jsonl(IDENTITY_FILE)
+    identity = CustomJSON(IDENTITY_FILE).examples
     assert 30 <= len(identity) <= 50
     identity_users = {c["messages"][-2]["content"] for c in identity}
     assert sum(r["messages"][-2]["content"] in identity_users for r in rows) >= 30  # identity mixed in

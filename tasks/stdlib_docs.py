@@ -1,12 +1,12 @@
 """
 Harvest the documentation of the Python standard library: the built-in, offline text every Python install has.
-It feeds the built-in pretraining corpus (nanochat/dataset.py --builtin) and the built-in KB / QA / SFT data
+It feeds the built-in pretraining corpus (tasks/builtin_corpus.py) and the built-in KB / QA / SFT data
 (tasks/stdlib_qa.py), so the whole pipeline runs on a machine with no internet.
 
-    from nanochat.stdlib_docs import harvest, module_split, is_eval_module, record_split
+    from tasks.stdlib_docs import harvest, module_split, is_eval_module, record_split
     records = harvest()                    # ~6.6k records in a few seconds; a list of dicts sorted by id
     records = harvest(modules=["json"])    # just one package (and its public submodules)
-    python -m nanochat.stdlib_docs         # print the counts and a few records (nothing is written)
+    python -m tasks.stdlib_docs         # print the counts and a few records (nothing is written)
     first_sentence(doc), first_paragraph(doc), prose(doc)   # reading a docstring (shared by corpus and QA)
 
 A record is
