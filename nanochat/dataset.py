@@ -1,9 +1,16 @@
 """
-Pretraining text: download FineWeb-Edu-style parquet shards and iterate documents of a local data directory
-(rank-strided, for DDP). The built-in offline corpus is built by tasks/builtin_corpus.py.
+Pretraining text: fetch FineWeb-Edu parquet shards from the Hugging Face hub and iterate documents of a local data
+directory (rank-strided, for DDP). The built-in offline corpus is built by tasks/builtin_corpus.py.
 
-    python -m nanochat.dataset -n 8 -w 4                 # download shards 0..7 into $NANOCHAT_BASE_DIR/base_data
-    python -m nanochat.dataset -n 8 --url 'https://host/path/shard_{index:05d}.parquet' --output /data/fw
+    python -m nanochat.dataset -n 8 -w 4                 # shards 0..7 into $NANOCHAT_BASE_DIR/base_data
+    python -m nanochat.dataset -n 8 --output /data/fw
+
+Hub files. hub_file() is the one way the repo fetches a file of a hub dataset (the shards here, the task files of
+tasks/hf.py): huggingface_hub's hf_hub_download into the shared HF cache (HF_HOME / HF_HUB_CACHE), with its
+resumable downloads and retries, HF_TOKEN for gated sets, HF_ENDPOINT for a mirror and HF_HUB_OFFLINE=1 for cache
+only; anything it cannot get is a HubFileUnavailable (a FileNotFoundError) naming the repo, the file and what to do.
+The shards are then hard-linked from the cache into the data directory (copied where the two are on different
+filesystems), each under its final name only once complete.
 
     from nanochat.dataset import iter_texts, default_data_dir
     for text in iter_texts(default_data_dir(), "train", start=rank, step=world_size): ...
@@ -28,27 +35,24 @@ documents back by position, which is what lets the dataloader resume exactly fro
 """
 
 import os
-import json
-import time
 import shutil
-import http.client
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
+from huggingface_hub import constants as hf_constants, hf_hub_download, is_offline_mode
+from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 
-from nanochat.common import builtin_dir, get_base_dir, atomic_path, print0, ArgumentParser
+from nanochat.common import builtin_dir, get_base_dir, atomic_path, iter_jsonl, print0, ArgumentParser, run_main
 
 # -----------------------------------------------------------------------------
 # where data lives
 
-# karpathy's pre-shuffled FineWeb-Edu 100B: 1823 shards of ~250M characters (shard_00000 .. shard_01822)
-DEFAULT_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
+# karpathy's pre-shuffled FineWeb-Edu 100B, a hub dataset: 1823 shards of ~250M characters (shard_00000 .. 01822)
+FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
 MAX_SHARD = 1822
-URL_ENV = "NANOCHAT_DATA_URL"  # overrides DEFAULT_URL (a pattern with {index})
 DATA_DIR_ENV = "NANOCHAT_DATA_DIR"
 DATA_EXTS = (".parquet", ".jsonl", ".txt")
 OFFLINE_HINT = "to run offline build the built-in corpus (python -m tasks.builtin_corpus) or pass --data-dir DIR"
@@ -117,24 +121,10 @@ def _txt_blocks(path):
     return blocks
 
 
-def _jsonl_lines(path):
-    """(lineno, raw line) of the non-blank lines."""
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield lineno, line
-
-
-def _jsonl_text(path, lineno, line):
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}:{lineno}: expected an object with a 'text' (or 'content') key")
+def _jsonl_text(where, obj):
     text = obj.get("text", obj.get("content"))
     if not isinstance(text, str):
-        raise ValueError(f"{path}:{lineno}: expected a string under 'text' (or 'content'), got {text!r:.80}")
+        raise ValueError(f"{where}: expected a string under 'text' (or 'content'), got {text!r:.80}")
     return text
 
 
@@ -160,7 +150,7 @@ def _chunk_rows(path):
             md = _parquet(path).metadata
             rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         elif path.endswith(".jsonl"):
-            rows = [1 for _ in _jsonl_lines(path)]
+            rows = [1 for _ in iter_jsonl(path)]  # one chunk per non-blank line, as _iter_file_chunks reads them
         else:
             rows = [1 for _ in _txt_blocks(path)]
         _chunk_cache[key] = rows
@@ -183,9 +173,9 @@ def _iter_file_chunks(path, wanted):
             yield i, rows
     elif path.endswith(".jsonl"):
         last = max(wanted)
-        for i, (lineno, line) in enumerate(_jsonl_lines(path)):
+        for i, (where, obj) in enumerate(iter_jsonl(path)):
             if i in wanted:
-                yield i, [_jsonl_text(path, lineno, line)]
+                yield i, [_jsonl_text(where, obj)]
             if i >= last:
                 break
     else:
@@ -315,104 +305,115 @@ def _file_of(plan, c):
     raise ValueError(f"chunk {c} is out of range")
 
 # -----------------------------------------------------------------------------
-# downloading shards
+# hub files
 
 
-def shard_url(index, url_pattern=None):
-    pattern = url_pattern or os.environ.get(URL_ENV) or DEFAULT_URL
-    if "{index" not in pattern:
-        raise ValueError(f"url pattern must contain {{index}} (e.g. .../shard_{{index:05d}}.parquet), got {pattern!r}")
-    return pattern.format(index=index)
+class HubFileUnavailable(FileNotFoundError):
+    """A hub file is neither in the Hugging Face cache nor downloadable (offline, unreachable, missing, gated)."""
 
 
-def _check_parquet_file(path):
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 4))
-        tail = f.read(4)
-    if size < 12 or head != b"PAR1" or tail != b"PAR1":
-        raise ValueError(f"downloaded file is not a complete parquet file ({size} bytes)")
-    _parquet(path)
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def download_file(url, path, retries=5, backoff=2.0, timeout=60):
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _hub_failure(e, endpoint):
+    """Why hf_hub_download failed, in a few words."""
+    if isinstance(e, RemoteEntryNotFoundError):
+        return "the hub has no such file"
+    if isinstance(e, RevisionNotFoundError):
+        return "the hub has no such revision"
+    if isinstance(e, (GatedRepoError, RepositoryNotFoundError)):
+        return "the hub refused the repo (no such repo, or a gated/private one: set HF_TOKEN to a token with access)"
+    if isinstance(e, LocalEntryNotFoundError):
+        return f"the hub at {endpoint} could not be reached ({_first_line(e.__cause__ or e)})"
+    return f"the download failed ({_first_line(e)})"
+
+
+def hub_file(repo_id, filename, revision="main", hint=""):
     """
-    Download url to path unless path exists: streamed to a temp file next to it, checked (size against
-    Content-Length, parquet magic when path ends in .parquet), then renamed into place. Network errors, 5xx, 408
-    and 429 are retried with exponential backoff (backoff, 2*backoff, 4*backoff, ... seconds); other 4xx are not.
+    Local path of `filename` of the hub dataset `repo_id`, downloaded into the Hugging Face cache on first use
+    (hf_hub_download). Raises HubFileUnavailable naming the repo, the file, the cache, why, and `hint` (what else
+    the caller can do).
     """
-    if os.path.exists(path):
-        return path
-    last = None
-    for attempt in range(retries):
+    # huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_HUB_CACHE once, when it is imported; reading them again
+    # here obeys a notebook or a test that sets them later (None: the library's own default)
+    endpoint, cache_dir = os.environ.get("HF_ENDPOINT"), os.environ.get("HF_HUB_CACHE")
+    offline = is_offline_mode() or _env_flag("HF_HUB_OFFLINE")
+    try:
+        return hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision, endpoint=endpoint,
+                               cache_dir=cache_dir, local_files_only=offline)
+    except OSError as e:  # every hub error: HfHubHTTPError and LocalEntryNotFoundError are OSErrors
+        reason = ("HF_HUB_OFFLINE is set, so the hub was not asked" if offline
+                  else _hub_failure(e, endpoint or hf_constants.ENDPOINT))
+    hint = f" {hint}" if hint else ""
+    raise HubFileUnavailable(f"{repo_id}: {filename} (revision {revision}) is not in the Hugging Face cache "
+                             f"({cache_dir or hf_constants.HF_HUB_CACHE}) and {reason}.{hint}")
+
+
+# -----------------------------------------------------------------------------
+# FineWeb-Edu shards
+
+
+def _link_or_copy(src, dst):
+    """dst gets src's bytes under its final name only once complete: a hard link to the cache's blob (no second copy
+    on disk, and it outlives a cache clean-up), or a copy where the cache is on another filesystem."""
+    src = os.path.realpath(src)  # the cache's snapshot entry is a symlink to the blob
+    with atomic_path(dst) as tmp:
+        os.remove(tmp)
         try:
-            with atomic_path(path) as tmp:
-                with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-                    expected = resp.headers.get("Content-Length")
-                    shutil.copyfileobj(resp, f, 1 << 20)
-                    written = f.tell()
-                if expected is not None and int(expected) != written:
-                    raise ValueError(f"truncated download: {written} of {expected} bytes")
-                if path.endswith(".parquet"):
-                    _check_parquet_file(tmp)
-            return path
-        except urllib.error.HTTPError as e:
-            if 400 <= e.code < 500 and e.code not in (408, 429):
-                raise RuntimeError(f"{url}: HTTP {e.code} {e.reason} (not retried)") from None
-            last = f"HTTP {e.code} {e.reason}"
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            # URLError: DNS / refused; HTTPException: a cut connection (IncompleteRead); ValueError: a bad file
-            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        if attempt + 1 < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise ConnectionError(f"could not reach {url} after {retries} attempts (last error: {last}); {OFFLINE_HINT}")
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
-def download_shards(num_shards, output_dir=None, workers=4, url_pattern=None, retries=5, backoff=2.0):
-    """Download shards 0..num_shards-1 (skipping existing ones) in parallel; returns their paths."""
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    if url_pattern is None and URL_ENV not in os.environ and num_shards > MAX_SHARD + 1:
-        raise ValueError(f"the default dataset has {MAX_SHARD + 1} shards, asked for {num_shards}")
+def _fetch_shard(name, output_dir):
+    _link_or_copy(hub_file(FINEWEB_REPO, name, hint=OFFLINE_HINT), os.path.join(output_dir, name))
+
+
+def download_shards(num_shards, output_dir=None, workers=4):
+    """Shards 0..num_shards-1 of FineWeb-Edu into output_dir (default base_data), skipping those already there (a
+    shard appears there only complete), `workers` at a time. Returns their paths."""
+    if not 1 <= num_shards <= MAX_SHARD + 1:
+        raise ValueError(f"num_shards must be in 1..{MAX_SHARD + 1} ({FINEWEB_REPO} has {MAX_SHARD + 1}), "
+                         f"got {num_shards}")
     output_dir = output_dir or download_dir()
     os.makedirs(output_dir, exist_ok=True)
-    jobs = [(shard_url(i, url_pattern), os.path.join(output_dir, f"shard_{i:05d}.parquet")) for i in range(num_shards)]
-    todo = [(u, p) for u, p in jobs if not os.path.exists(p)]
-    print0(f"{len(jobs) - len(todo)} of {len(jobs)} shards already in {output_dir}; downloading {len(todo)} "
-           f"with {workers} workers")
+    names = [f"shard_{i:05d}.parquet" for i in range(num_shards)]
+    todo = [n for n in names if not os.path.exists(os.path.join(output_dir, n))]
+    print0(f"{len(names) - len(todo)} of {len(names)} shards already in {output_dir}; fetching {len(todo)} from "
+           f"{FINEWEB_REPO} with {workers} workers")
     errors = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(download_file, u, p, retries, backoff): u for u, p in todo}
+        futures = [pool.submit(_fetch_shard, n, output_dir) for n in todo]
         for fut in tqdm(as_completed(futures), total=len(futures), desc="shards", unit="shard", disable=not todo):
             try:
                 fut.result()
-            except Exception as e:  # keep downloading the others; report all failures at the end
+            except HubFileUnavailable as e:  # keep fetching the others; report all failures at the end
                 errors.append(e)
     if errors:
-        raise errors[0] if len(errors) == 1 else ConnectionError(
+        raise errors[0] if len(errors) == 1 else HubFileUnavailable(
             f"{len(errors)} of {len(todo)} shards failed; first: {errors[0]}")
-    return [p for _, p in jobs]
+    return [os.path.join(output_dir, n) for n in names]
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Download N FineWeb-Edu parquet shards from the HF hub (the offline "
-                            "built-in corpus is python -m tasks.builtin_corpus).")
-    parser.add_argument("-n", "--num-files", type=int, required=True, help="number of shards to download "
+    parser = ArgumentParser(description=f"Fetch N FineWeb-Edu parquet shards of the HF hub dataset {FINEWEB_REPO} "
+                            "(through the HF cache; the offline built-in corpus is python -m tasks.builtin_corpus).")
+    parser.add_argument("-n", "--num-files", type=int, required=True, help="number of shards to fetch "
                         f"(0..{MAX_SHARD} exist; the last one you get is the val split)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--output", type=str, default=None, help="output directory (download default: "
+    parser.add_argument("--output", type=str, default=None, help="data directory (default: "
                         "$NANOCHAT_BASE_DIR/base_data)")
-    parser.add_argument("--url", type=str, default=None, help=f"shard URL pattern with {{index}} (or ${URL_ENV}); "
-                        f"default {DEFAULT_URL}")
-    parser.add_argument("--retries", type=int, default=5, help="attempts per shard (exponential backoff)")
     args = parser.parse_args(argv)
-    download_shards(args.num_files, args.output, args.num_workers, args.url, args.retries)
+    download_shards(args.num_files, args.output, args.num_workers)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

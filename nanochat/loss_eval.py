@@ -10,21 +10,22 @@ Under DDP the sums are all-reduced, so every rank returns the same value.
 """
 
 import math
+import contextlib
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+from nanochat.common import get_dist_info
 
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes, autocast_ctx=None):
-    import contextlib
     autocast_ctx = autocast_ctx or contextlib.nullcontext()
     device = model.get_device() if hasattr(model, "get_device") else next(model.parameters()).device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.float64, device=device)
     token_bytes = token_bytes.to(device)
-    from tqdm import tqdm
-    from nanochat.common import get_dist_info
     it = iter(batches)
     # a progress bar only when an evaluation takes more than 2 s (big GPU evals), on rank 0
     for _ in tqdm(range(steps), desc="val bpb", delay=2.0, mininterval=2.0, leave=False, disable=get_dist_info()[1] != 0):

@@ -10,8 +10,8 @@ A-D; a few have 3 or 5, and a few are labelled 1-4: those are mapped to A-D here
 letter (the same answer space the model sees in MMLU).
 """
 
-from tasks.common import Task, check_choice, shuffled_order, render_mc, mc_letter
-from tasks.hf import read_rows, task_files
+from tasks.common import check_choice, render_mc, mc_letter
+from tasks.hf import HubTask
 
 REPO_ID = "allenai/ai2_arc"
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
@@ -19,27 +19,16 @@ SPLITS = ("train", "validation", "test")
 ALPHABET = "ABCDEFGH"
 
 
-class ARC(Task):
+class ARC(HubTask):
+    eval_type = "categorical"
 
     def __init__(self, subset, split, local_path=None, seed=42, **view):
-        super().__init__(**view)
         self.subset = check_choice("ARC subset", subset, SUBSETS)
         self.split = check_choice("ARC split", split, SPLITS)
-        self.paths = task_files(REPO_ID, [f"{subset}/{split}-00000-of-00001.parquet"], local_path)
-        self.rows = read_rows(self.paths)
-        self.order = shuffled_order(len(self.rows), seed)
+        super().__init__(REPO_ID, [f"{subset}/{split}-00000-of-00001.parquet"], local_path, seed, **view)
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        row_idx = self.order[index]
-        row = self.rows[row_idx]
-        where = f"{self.paths[0] if len(self.paths) == 1 else self.paths}: row {row_idx} (id {row.get('id')!r})"
+    def make_example(self, row, where):
+        where = f"{where} (id {row.get('id')!r})"
         choices = row.get("choices") or {}
         texts, labels, key = choices.get("text"), choices.get("label"), row.get("answerKey")
         if not isinstance(row.get("question"), str) or not texts or not labels or len(texts) != len(labels):

@@ -7,16 +7,20 @@ A Task is a lazy, sliceable view over a list of examples. Each example is a conv
 
     from tasks.common import TaskMixture
     from tasks.gsm8k import GSM8K
+    from tasks.smoltalk import SmolTalk
     train = TaskMixture([GSM8K("main", "train"), SmolTalk("train")], seed=42)  # shuffled (task, idx) pairs
     rank_view = GSM8K("main", "test", start=rank, step=world_size)            # DDP striding
     conversation = train[0]
 
-Answer metrics (EM, F1, citation stripping, NO_ANSWER) live in nanochat/metrics.py.
+Answer metrics (EM, F1, citation stripping, NO_ANSWER) live in nanochat/metrics.py; answer_match here is how the
+generative tasks apply them to an example.
 """
 
 import bisect
 import random
 from abc import ABC, abstractmethod
+
+from nanochat.metrics import NO_ANSWER, exact_match, strip_citations
 
 # -----------------------------------------------------------------------------
 # Task views
@@ -164,6 +168,17 @@ def assistant_text(message):
     if isinstance(content, str):
         return content
     return "".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def answer_match(conversation, assistant_response):
+    """How the generative tasks score a response: SQuAD-normalized exact match, citations stripped on both sides,
+    against the example's "answers" ([] = unanswerable: NO_ANSWER), or, for a conversation without "answers",
+    against its last assistant message."""
+    answers = conversation.get("answers")
+    if answers is None:
+        answers = [assistant_text(conversation["messages"][-1])]
+    gold = [strip_citations(a) for a in answers] or [NO_ANSWER]
+    return exact_match(strip_citations(assistant_response), gold)
 
 
 # -----------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import os
 import copy
 
 from nanochat.common import iter_jsonl
-from nanochat.metrics import exact_match, strip_citations
-from tasks.common import Task, validate_conversation, assistant_text
+from tasks.common import Task, validate_conversation, answer_match
 
 
 class CustomJSON(Task):
+    eval_type = "generative"
 
     def __init__(self, filepath, **view):
         super().__init__(**view)
@@ -40,10 +40,6 @@ class CustomJSON(Task):
             raise ValueError(f"{where}: expected an object with a 'messages' list")
         validate_conversation(example, where)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
     def num_examples(self):
         return len(self.examples)
 
@@ -51,6 +47,6 @@ class CustomJSON(Task):
         return copy.deepcopy(self.examples[index])  # callers may augment it in place
 
     def evaluate(self, conversation, assistant_response):
-        """Normalized exact match (citations stripped) against the example's answers, else its last assistant text."""
-        answers = conversation.get("answers") or [assistant_text(conversation["messages"][-1])]
-        return exact_match(strip_citations(assistant_response), [strip_citations(a) for a in answers])
+        """Normalized exact match (citations stripped) against the example's answers, else its last assistant text
+        (tasks.common.answer_match)."""
+        return answer_match(conversation, assistant_response)

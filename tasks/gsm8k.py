@@ -15,8 +15,8 @@ the text parts. The final "#### 72" line stays in the text.
 import re
 from fractions import Fraction
 
-from tasks.common import Task, check_choice, shuffled_order
-from tasks.hf import read_rows, task_files
+from tasks.common import check_choice
+from tasks.hf import HubTask
 
 REPO_ID = "openai/gsm8k"
 SUBSETS = ("main", "socratic")
@@ -52,29 +52,17 @@ def extract_answer(text):
     return Fraction(matches[-1].replace(",", ""))
 
 
-class GSM8K(Task):
+class GSM8K(HubTask):
+    eval_type = "generative"
 
     def __init__(self, subset, split, local_path=None, seed=42, **view):
-        super().__init__(**view)
         self.subset = check_choice("GSM8K subset", subset, SUBSETS)
         self.split = check_choice("GSM8K split", split, SPLITS)
-        self.paths = task_files(REPO_ID, [f"{subset}/{split}-00000-of-00001.parquet"], local_path)
-        self.rows = read_rows(self.paths)
-        self.order = shuffled_order(len(self.rows), seed)
+        super().__init__(REPO_ID, [f"{subset}/{split}-00000-of-00001.parquet"], local_path, seed, **view)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        row_idx = self.order[index]
-        row = self.rows[row_idx]
+    def make_example(self, row, where):
         question, answer = row.get("question"), row.get("answer")
         if not isinstance(question, str) or not isinstance(answer, str) or extract_answer(answer) is None:
-            where = f"{self.paths[0] if len(self.paths) == 1 else self.paths}: row {row_idx}"
             raise ValueError(f"{where}: expected question and answer strings with a '#### number' answer")
         messages = [
             {"role": "user", "content": question},

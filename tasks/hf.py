@@ -1,123 +1,30 @@
 """
-Hugging Face hub downloads without the `datasets` library: plain urllib into a cache, plus readers for the
-parquet / jsonl / json files the tasks consume.
+Hub data for the tasks: the files of one (subset, split) of a Hugging Face hub dataset as local paths, readers for
+the parquet / jsonl / json files the tasks consume, and HubTask, the base of every task over hub rows (ARC, MMLU,
+GSM8K, SmolTalk, SQuAD, HotpotQA).
 
-    from tasks.hf import hf_dataset_file, read_records, task_files
-    path = hf_dataset_file("openai/gsm8k", "main/test-00000-of-00001.parquet")
-    # -> $NANOCHAT_BASE_DIR/hf_cache/openai/gsm8k/main/test-00000-of-00001.parquet (downloaded once)
-    rows = read_records(path)   # list of dicts
+    from tasks.hf import task_files, read_rows
+    paths = task_files("openai/gsm8k", ["main/test-00000-of-00001.parquet"])  # from the HF cache (fetched once)
+    rows = read_rows(paths)   # lazy ParquetRows for parquet, else a list of dicts
 
-Environment: NANOCHAT_HF_ENDPOINT (default https://huggingface.co; tests point it at a local server),
-HF_TOKEN (sent as a bearer token, for gated datasets), HF_HUB_OFFLINE=1 (never touch the network: only the
-cache or a task's local_path= can serve the data), NANOCHAT_HF_LOCAL=DIR (a local mirror: DIR/<repo_id>/<file>
-is used before the cache and the network; the scripts' --hf-local DIR sets it).
+Where a task's files come from, first match wins: its local_path= (a file, a list of files or a directory), the
+local mirror NANOCHAT_HF_LOCAL=DIR (DIR/<repo_id>/<file>; the scripts' --hf-local DIR sets it), else the Hugging
+Face cache through nanochat.dataset.hub_file (huggingface_hub: HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE=1 apply;
+a file it cannot get is a HubFileUnavailable that names the repo, the file and these ways out).
 """
 
 import os
 import json
-import time
-import socket
-import http.client
-import urllib.error
-import urllib.parse
-import urllib.request
+from abc import abstractmethod
 
-from tqdm import tqdm
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from nanochat.common import atomic_path, get_base_dir
+from nanochat.common import read_jsonl
+from nanochat.dataset import hub_file
+from tasks.common import Task, shuffled_order
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json")
-
-
-class HubFileUnavailable(FileNotFoundError):
-    """A hub file is neither in the cache nor downloadable (offline, network down, 404, gated...)."""
-
-
-def hf_endpoint():
-    return os.environ.get("NANOCHAT_HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
-
-
-def hf_offline():
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hf_cache_path(repo_id, filename, revision="main", cache_dir=None):
-    """Where hf_dataset_file keeps a file: <cache>/<repo_id>/<filename> (<repo_id>@<revision>/ off main)."""
-    cache_dir = cache_dir or os.path.join(get_base_dir(), "hf_cache")
-    repo_dir = repo_id if revision == "main" else f"{repo_id}@{revision}"
-    return os.path.join(cache_dir, *repo_dir.split("/"), *filename.split("/"))
-
-
-def _http_get(url, dest, timeout, headers):
-    """One attempt: stream url into dest (a temp path). Raises urllib errors or ValueError on a short body."""
-    req = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        total = resp.headers.get("Content-Length")
-        total = int(total) if total is not None and total.isdigit() else None
-        got = 0
-        name = os.path.basename(urllib.parse.urlparse(url).path)
-        with open(dest, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}",
-                                         leave=False, disable=total is not None and total < (1 << 20)) as bar:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
-                got += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and got != total:
-        raise ValueError(f"short read: got {got} of {total} bytes")
-
-
-def download_url(url, dest, timeout=60.0, retries=3, backoff=2.0, headers=None, hint=""):
-    """
-    Download url to dest atomically (temp file renamed into place, so an interrupted download never leaves a
-    partial file at dest). Retries network errors, 5xx and 429 with exponential backoff; 4xx fail at once.
-    Raises HubFileUnavailable naming the url, dest and `hint` (what else the caller can do).
-    """
-    hint = f" {hint}" if hint else ""
-    if hf_offline():
-        raise HubFileUnavailable(f"HF_HUB_OFFLINE is set, so {url} was not fetched; it is expected in the cache "
-                                 f"at {dest}.{hint}")
-    last_err = None
-    for attempt in range(retries):
-        try:
-            with atomic_path(dest) as tmp:
-                _http_get(url, tmp, timeout, headers or {})
-            return dest
-        except urllib.error.HTTPError as e:
-            last_err = f"HTTP {e.code} {e.reason}"
-            if e.code in (401, 403):
-                last_err += " (gated or private: set HF_TOKEN to a token with access)"
-            if e.code < 500 and e.code != 429:
-                break  # 404 and friends will not change on retry
-        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, ConnectionError,
-                ValueError) as e:
-            last_err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        if attempt + 1 < retries:
-            time.sleep(backoff * (2 ** attempt))
-    raise HubFileUnavailable(f"could not fetch {url} ({last_err}); it is expected in the cache at {dest}.{hint}")
-
-
-def hf_dataset_file(repo_id, filename, revision="main", cache_dir=None, timeout=60.0, retries=3, backoff=2.0):
-    """
-    Local path of `filename` from the hub dataset `repo_id`: the cached copy if present, else downloaded from
-    {endpoint}/datasets/{repo_id}/resolve/{revision}/{filename} into the cache first.
-    """
-    dest = hf_cache_path(repo_id, filename, revision, cache_dir)
-    if os.path.isfile(dest):
-        return dest
-    url = f"{hf_endpoint()}/datasets/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/" \
-          f"{urllib.parse.quote(filename)}"
-    headers = {"User-Agent": "nanochat-rag"}
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    hint = (f"Download it there by hand, or put it at DIR/{repo_id}/{filename} and pass --hf-local DIR to the script "
-            f"(NANOCHAT_HF_LOCAL=DIR), or pass local_path= (the file, or a directory holding {filename}) to the task.")
-    return download_url(url, dest, timeout=timeout, retries=retries, backoff=backoff, headers=headers, hint=hint)
-
 
 # -----------------------------------------------------------------------------
 # readers
@@ -130,8 +37,6 @@ class ParquetRows:
     """
 
     def __init__(self, paths):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         tables = []
         for path in paths:
             try:
@@ -153,28 +58,23 @@ class ParquetRows:
         return self.table.slice(i, 1).to_pylist()[0]
 
 
-def _read_jsonl(path):
-    records = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
-    return records
+def read_json(path):
+    """The value of a JSON file (errors name file:line, invalid UTF-8 included)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _read_json(path):
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+def _read_json_records(path):
+    obj = read_json(path)
     if isinstance(obj, dict):
         if obj and all(isinstance(v, dict) for v in obj.values()):
             # records keyed by id (e.g. PubMedQA's ori_pqal.json): keep the key as "_key"
@@ -197,9 +97,9 @@ def read_records(path):
         rows = ParquetRows([path])
         return rows.table.to_pylist()
     if path.endswith(".jsonl"):
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if path.endswith(".json"):
-        return _read_json(path)
+        return _read_json_records(path)
     raise ValueError(f"{path}: unsupported data file type (expected one of {list(DATA_EXTENSIONS)})")
 
 
@@ -228,10 +128,16 @@ def use_hf_local(path):
         os.environ["NANOCHAT_HF_LOCAL"] = os.path.abspath(path)
 
 
+def _hint(repo_id, filename):
+    return (f"Put it at DIR/{repo_id}/{filename} and pass --hf-local DIR to the script (NANOCHAT_HF_LOCAL=DIR), pass "
+            f"local_path= (the file, or a directory holding {filename}) to the task, or set HF_ENDPOINT to a "
+            f"reachable mirror.")
+
+
 def task_files(repo_id, filenames, local_path=None, revision="main"):
     """
     The data files of one (subset, split) of a hub dataset, as local paths.
-      local_path=None       -> each hub file, downloaded into the cache on first use
+      local_path=None       -> each file from the --hf-local mirror if all are there, else from the HF cache
       local_path=file       -> [that file]
       local_path=list       -> those files
       local_path=directory  -> the hub files under it if it mirrors the repo layout, else every
@@ -243,7 +149,7 @@ def task_files(repo_id, filenames, local_path=None, revision="main"):
             mirrored = [os.path.join(root, *repo_id.split("/"), *f.split("/")) for f in filenames]
             if all(os.path.isfile(p) for p in mirrored):
                 return mirrored
-        return [hf_dataset_file(repo_id, f, revision=revision) for f in filenames]
+        return [hub_file(repo_id, f, revision, hint=_hint(repo_id, f)) for f in filenames]
     if isinstance(local_path, (list, tuple)):
         paths = [os.fspath(p) for p in local_path]
     else:
@@ -264,3 +170,36 @@ def task_files(repo_id, filenames, local_path=None, revision="main"):
         if not p.endswith(DATA_EXTENSIONS):
             raise ValueError(f"local_path: {p} is not a {'/'.join(DATA_EXTENSIONS)} file")
     return paths
+
+
+# -----------------------------------------------------------------------------
+# the base of the tasks over hub rows
+
+
+class HubTask(Task):
+    """
+    A task over the rows of hub data files: task_files finds them (local_path=, the --hf-local mirror, or the HF
+    cache), read_rows reads them, and their order is shuffled once with `seed` (None: file order), so any prefix
+    (eval with max_problems) is a random sample. A subclass sets eval_type, passes its repo and files to __init__,
+    and writes make_example(row, where) and evaluate().
+    """
+
+    def __init__(self, repo_id, files, local_path=None, seed=42, **view):
+        super().__init__(**view)
+        self.paths = task_files(repo_id, files, local_path)
+        self.rows = read_rows(self.paths)
+        if len(self.rows) == 0:
+            raise ValueError(f"{type(self).__name__}: no rows in {', '.join(self.paths)}")
+        self.order = shuffled_order(len(self.rows), seed)
+
+    @abstractmethod
+    def make_example(self, row, where):
+        """The example (a conversation dict) of one row; ValueError(f"{where}: ...") if the row is malformed."""
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        row_idx = self.order[index]
+        source = self.paths[0] if len(self.paths) == 1 else self.paths
+        return self.make_example(self.rows[row_idx], f"{source}: row {row_idx}")

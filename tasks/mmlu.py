@@ -9,8 +9,8 @@ Rows: question (str), subject (str), choices (4 str), answer (int 0..3; a letter
 The auxiliary_train parquet wraps each row in a single `train` column; it is unwrapped here.
 """
 
-from tasks.common import Task, check_choice, shuffled_order, render_mc, mc_letter
-from tasks.hf import read_rows, task_files
+from tasks.common import check_choice, render_mc, mc_letter
+from tasks.hf import HubTask
 
 REPO_ID = "cais/mmlu"
 SPLITS = {
@@ -20,31 +20,19 @@ SPLITS = {
 LETTERS = ("A", "B", "C", "D")
 
 
-class MMLU(Task):
+class MMLU(HubTask):
+    eval_type = "categorical"
 
     def __init__(self, subset, split, local_path=None, seed=42, **view):
-        super().__init__(**view)
         self.subset = check_choice("MMLU subset", subset, list(SPLITS))
         self.split = check_choice(f"MMLU split (subset {subset})", split, SPLITS[subset])
         filename = "auxiliary_train/train-00000-of-00001.parquet" if subset == "auxiliary_train" \
             else f"all/{split}-00000-of-00001.parquet"
-        self.paths = task_files(REPO_ID, [filename], local_path)
-        self.rows = read_rows(self.paths)
-        self.order = shuffled_order(len(self.rows), seed)
+        super().__init__(REPO_ID, [filename], local_path, seed, **view)
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        row_idx = self.order[index]
-        row = self.rows[row_idx]
+    def make_example(self, row, where):
         if set(row) == {"train"} and isinstance(row["train"], dict):
             row = row["train"]
-        where = f"{self.paths[0] if len(self.paths) == 1 else self.paths}: row {row_idx}"
         question, choices, answer = row.get("question"), row.get("choices"), row.get("answer")
         if not isinstance(question, str) or not isinstance(choices, list) or len(choices) != 4:
             raise ValueError(f"{where}: expected a question string and 4 choices, got {row!r:.200}")

@@ -13,22 +13,22 @@ Question-answering datasets in the shared QA schema, for retrieval-augmented fin
     pm = PubMedQA("test", local_path="../shared/data/pubmedqa")  # expert-labelled PubMedQA, 500 test ids
     mine = QAJsonl("my_qa.jsonl")
 
-Every task is generative; evaluate() strips citation markers ("[1]", "[DOC_2]") from the response and returns
-the SQuAD-normalized exact match against `answers` (against NO_ANSWER when there are none).
+SQuAD and HotpotQA come from the HF hub (tasks/hf.py: HubTask); PubMedQA's standard split is not on the hub, so it
+reads a local copy of the PubMedQA repository's data directory. Every task is generative; evaluate() is
+tasks.common.answer_match: citation markers ("[1]", "[DOC_2]") stripped, SQuAD-normalized exact match against
+`answers` (against NO_ANSWER when there are none).
 """
 
 import os
 import copy
-import json
 import hashlib
 
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir
-from nanochat.metrics import NO_ANSWER, exact_match, strip_citations
-from tasks.common import (Task, check_choice, shuffled_order, validate_conversation, validate_documents,
-                          assistant_text)
-from tasks.hf import read_records, read_rows, task_files, download_url, hf_dataset_file
+from nanochat.metrics import NO_ANSWER
+from tasks.common import Task, check_choice, shuffled_order, validate_conversation, validate_documents, answer_match
+from tasks.customjson import CustomJSON
+from tasks.hf import HubTask, read_json, read_records
 
 # -----------------------------------------------------------------------------
 # shared pieces
@@ -81,24 +81,6 @@ def corpus_from_examples(examples, source):
     return list(seen.values())
 
 
-class QATask(Task):
-    """Base of the QA tasks: generative, scored by citation-stripped exact match against `answers`."""
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def evaluate(self, conversation, assistant_response):
-        answers = conversation.get("answers")
-        if answers is None:  # a plain conversation: its assistant message is the answer
-            answers = [assistant_text(conversation["messages"][-1])]
-        return exact_match(strip_citations(assistant_response), answers or [NO_ANSWER])
-
-
-def _where(paths, row_idx):
-    return f"{paths[0] if len(paths) == 1 else paths}: row {row_idx}"
-
-
 # -----------------------------------------------------------------------------
 # SQuAD (Rajpurkar et al., 2016; v2 with unanswerable questions, 2018)
 
@@ -113,24 +95,16 @@ def squad_doc_id(title, context):
     return f"{title}#{hashlib.sha1(context.encode('utf-8')).hexdigest()[:12]}"
 
 
-class SQuAD(QATask):
+class SQuAD(HubTask):
+    eval_type = "generative"
 
     def __init__(self, split, version="v1", local_path=None, seed=42, **view):
-        super().__init__(**view)
         self.split = check_choice("SQuAD split", split, ("train", "validation"))
         self.version = check_choice("SQuAD version", version, list(SQUAD_FILES))
         repo_id, config = SQUAD_FILES[version]
-        self.paths = task_files(repo_id, [f"{config}/{split}-00000-of-00001.parquet"], local_path)
-        self.rows = read_rows(self.paths)
-        self.order = shuffled_order(len(self.rows), seed)
+        super().__init__(repo_id, [f"{config}/{split}-00000-of-00001.parquet"], local_path, seed, **view)
 
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        row_idx = self.order[index]
-        row = self.rows[row_idx]
-        where = _where(self.paths, row_idx)
+    def make_example(self, row, where):
         for key in ("id", "title", "context", "question"):
             if not isinstance(row.get(key), str):
                 raise ValueError(f"{where}: expected a string {key!r}, got {row.get(key)!r:.100}")
@@ -144,6 +118,9 @@ class SQuAD(QATask):
         doc = {"id": doc_id, "title": row["title"].replace("_", " "), "content": row["context"]}
         return make_qa_example(row["id"], row["question"], answers, documents=[doc], gold_doc_ids=[doc_id],
                                answerable=bool(answers))
+
+    def evaluate(self, conversation, assistant_response):
+        return answer_match(conversation, assistant_response)
 
 
 def squad_corpus(examples):
@@ -174,23 +151,15 @@ def join_sentences(sentences):
     return text.strip()
 
 
-class HotpotQA(QATask):
+class HotpotQA(HubTask):
+    eval_type = "generative"
 
     def __init__(self, split, setting="distractor", local_path=None, seed=42, **view):
-        super().__init__(**view)
         self.split = check_choice("HotpotQA split", split, ("train", "validation"))
         self.setting = check_choice("HotpotQA setting", setting, ("distractor", "fullwiki"))
-        self.paths = task_files(HOTPOT_REPO, HOTPOT_FILES[(setting, split)], local_path)
-        self.rows = read_rows(self.paths)
-        self.order = shuffled_order(len(self.rows), seed)
+        super().__init__(HOTPOT_REPO, HOTPOT_FILES[(setting, split)], local_path, seed, **view)
 
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        row_idx = self.order[index]
-        row = self.rows[row_idx]
-        where = _where(self.paths, row_idx)
+    def make_example(self, row, where):
         qid = row.get("id", row.get("_id"))
         if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
             raise ValueError(f"{where}: expected string 'question' and 'answer'")
@@ -218,6 +187,9 @@ class HotpotQA(QATask):
                                gold_doc_ids=list(dict.fromkeys(gold_titles)),
                                type=row.get("type"), level=row.get("level"))
 
+    def evaluate(self, conversation, assistant_response):
+        return answer_match(conversation, assistant_response)
+
 
 def hotpot_corpus(examples):
     """Deduplicated HotpotQA paragraphs (id = Wikipedia title) of `examples` as KB documents."""
@@ -227,51 +199,16 @@ def hotpot_corpus(examples):
 # -----------------------------------------------------------------------------
 # PubMedQA (Jin et al., 2019): the 1000 expert-labelled questions, yes/no/maybe over an abstract
 
-PUBMEDQA_REPO = "qiaojin/PubMedQA"
-PUBMEDQA_HF_FILE = "pqa_labeled/train-00000-of-00001.parquet"
-PUBMEDQA_TEST_IDS_URL = "https://raw.githubusercontent.com/pubmedqa/pubmedqa/master/data/test_ground_truth.json"
 DECISIONS = ("yes", "no", "maybe")
-
-
-def _pubmedqa_files(local_path):
-    """(records, test_ids {pmid: decision}) from a local dir or, with local_path=None, the hub + GitHub."""
-    if local_path is not None:
-        local_path = os.fspath(local_path)
-        ori, gt = os.path.join(local_path, "ori_pqal.json"), os.path.join(local_path, "test_ground_truth.json")
-        for p in (ori, gt):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"PubMedQA local_path: {p} not found (local_path must be a directory "
-                                        f"holding ori_pqal.json and test_ground_truth.json)")
-        records = read_records(ori)
-    else:
-        records = read_records(hf_dataset_file(PUBMEDQA_REPO, PUBMEDQA_HF_FILE))
-        gt = os.path.join(get_base_dir(), "hf_cache", "pubmedqa-github", "test_ground_truth.json")
-        if not os.path.isfile(gt):
-            download_url(PUBMEDQA_TEST_IDS_URL, gt, hint="Or pass local_path= (a directory with ori_pqal.json "
-                                                         "and test_ground_truth.json).")
-    with open(gt, "r", encoding="utf-8") as f:
-        try:
-            test_ids = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{gt}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(test_ids, dict):
-        raise ValueError(f"{gt}: expected an object mapping PubMed ids to decisions")
-    return records, {str(k): v for k, v in test_ids.items()}
+PUBMEDQA_FILES = ("ori_pqal.json", "test_ground_truth.json")  # data/ of github.com/pubmedqa/pubmedqa
 
 
 def _pubmedqa_record(rec, where):
-    """Normalize an ori_pqal.json record or a hub pqa_labeled row."""
-    if "QUESTION" in rec:  # ori_pqal.json
-        pmid, question, contexts = rec.get("_key"), rec.get("QUESTION"), rec.get("CONTEXTS")
-        labels, meshes, year = rec.get("LABELS") or [], rec.get("MESHES") or [], rec.get("YEAR")
-        decision, long_answer = rec.get("final_decision"), rec.get("LONG_ANSWER")
-    else:  # hub parquet
-        ctx = rec.get("context") or {}
-        pmid, question, contexts = rec.get("pubid"), rec.get("question"), ctx.get("contexts")
-        labels, meshes, year = ctx.get("labels") or [], ctx.get("meshes") or [], None
-        decision, long_answer = rec.get("final_decision"), rec.get("long_answer")
+    """(pmid, question, decision, long_answer, document, metadata) of an ori_pqal.json record."""
+    pmid, question, contexts = rec.get("_key"), rec.get("QUESTION"), rec.get("CONTEXTS")
+    labels, decision = rec.get("LABELS") or [], rec.get("final_decision")
     if pmid is None or not isinstance(question, str) or not isinstance(contexts, list) or not contexts:
-        raise ValueError(f"{where}: expected a PubMed id, a question and a list of contexts")
+        raise ValueError(f"{where}: expected a PubMed id, a QUESTION and a list of CONTEXTS")
     if decision not in DECISIONS:
         raise ValueError(f"{where}: final_decision must be one of {DECISIONS}, got {decision!r}")
     pmid = str(pmid)
@@ -280,15 +217,23 @@ def _pubmedqa_record(rec, where):
     else:
         content = "\n".join(contexts)
     doc = {"id": pmid, "title": f"PubMed {pmid}", "content": content}
-    meta = {"year": year, "meshes": list(meshes)}
-    return pmid, question, decision, long_answer, doc, meta
+    meta = {"year": rec.get("YEAR"), "meshes": list(rec.get("MESHES") or [])}
+    return pmid, question, decision, rec.get("LONG_ANSWER"), doc, meta
 
 
 def _pubmedqa_all(local_path):
-    records, test_ids = _pubmedqa_files(local_path)
-    out = []
-    for i, rec in enumerate(records):
-        out.append(_pubmedqa_record(rec, f"PubMedQA record {i} ({rec.get('_key', rec.get('pubid'))})"))
+    """The records of ori_pqal.json (_pubmedqa_record) and the test ids {pmid: decision}, checked against each
+    other."""
+    ori, gt = (os.path.join(os.fspath(local_path), name) for name in PUBMEDQA_FILES)
+    for p in (ori, gt):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"PubMedQA local_path: {p} not found (local_path must be a directory holding "
+                                    f"{' and '.join(PUBMEDQA_FILES)}: the data/ of github.com/pubmedqa/pubmedqa)")
+    test_ids = read_json(gt)
+    if not isinstance(test_ids, dict):
+        raise ValueError(f"{gt}: expected an object mapping PubMed ids to decisions")
+    test_ids = {str(k): v for k, v in test_ids.items()}
+    out = [_pubmedqa_record(rec, f"{ori}: record {rec.get('_key')}") for rec in read_records(ori)]
     pmids = [r[0] for r in out]
     if len(set(pmids)) != len(pmids):
         raise ValueError("PubMedQA: duplicate PubMed ids in the labelled set")
@@ -302,14 +247,16 @@ def _pubmedqa_all(local_path):
     return out, test_ids
 
 
-class PubMedQA(QATask):
+class PubMedQA(Task):
     """
     question -> "yes" | "no" | "maybe". split "test" is the standard 500 ids of test_ground_truth.json, "train"
     the other 500. The document is the abstract without its conclusion (the reasoning-required setting); the
     conclusion is kept as "long_answer".
     """
 
-    def __init__(self, split, local_path=None, seed=42, **view):
+    eval_type = "generative"
+
+    def __init__(self, split, local_path, seed=42, **view):
         super().__init__(**view)
         self.split = check_choice("PubMedQA split", split, ("train", "test"))
         records, test_ids = _pubmedqa_all(local_path)
@@ -327,8 +274,11 @@ class PubMedQA(QATask):
     def get_example(self, index):
         return copy.deepcopy(self.examples[self.order[index]])
 
+    def evaluate(self, conversation, assistant_response):
+        return answer_match(conversation, assistant_response)
 
-def pubmedqa_corpus(local_path=None):
+
+def pubmedqa_corpus(local_path):
     """The 1000 PubMedQA abstracts (both splits) as KB documents, id = PubMed id."""
     records, _ = _pubmedqa_all(local_path)
     return [{**doc, "metadata": {"source": "pubmedqa", **meta}} for _, _, _, _, doc, meta in records]
@@ -338,36 +288,12 @@ def pubmedqa_corpus(local_path=None):
 # our own QA JSONL
 
 
-class QAJsonl(QATask):
-    """A local JSONL file of QA examples in the schema above, validated line by line (errors name file:line)."""
+class QAJsonl(CustomJSON):
+    """A local JSONL file of QA examples in the schema above, validated line by line (errors name file:line); an
+    example without an "id" gets "<file name>:<line>"."""
 
-    def __init__(self, filepath, **view):
-        super().__init__(**view)
-        self.filepath = os.fspath(filepath)
-        if not os.path.isfile(self.filepath):
-            raise FileNotFoundError(f"QAJsonl: no such file {self.filepath}")
-        self.examples = []
-        with open(self.filepath, "r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.filepath}:{lineno}"
-                try:
-                    ex = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(ex, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
-                if "answers" not in ex:
-                    raise ValueError(f"{where}: missing 'answers' (a list of acceptable answer strings)")
-                validate_qa_example(ex, where)
-                ex.setdefault("id", f"{os.path.basename(self.filepath)}:{lineno}")
-                self.examples.append(ex)
-        if not self.examples:
-            raise ValueError(f"{self.filepath}: no examples in file")
-
-    def num_examples(self):
-        return len(self.examples)
-
-    def get_example(self, index):
-        return copy.deepcopy(self.examples[index])
+    def validate(self, example, where):
+        if "answers" not in example:
+            raise ValueError(f"{where}: missing 'answers' (a list of acceptable answer strings)")
+        validate_qa_example(example, where)
+        example.setdefault("id", os.path.basename(where))  # where is "path:line"

@@ -9,9 +9,8 @@ arXiv:2502.02737; the subset built for models under 1B parameters: ~460K train /
 Each row has a `messages` column: an optional system message, then user/assistant turns.
 """
 
-from nanochat.metrics import exact_match
-from tasks.common import Task, check_choice, shuffled_order, validate_conversation, assistant_text
-from tasks.hf import read_rows, task_files
+from tasks.common import check_choice, validate_conversation, answer_match
+from tasks.hf import HubTask
 
 REPO_ID = "HuggingFaceTB/smol-smoltalk"
 FILES = {
@@ -20,30 +19,17 @@ FILES = {
 }
 
 
-class SmolTalk(Task):
+class SmolTalk(HubTask):
+    eval_type = "generative"
 
     def __init__(self, split, local_path=None, seed=42, **view):
-        super().__init__(**view)
         self.split = check_choice("SmolTalk split", split, list(FILES))
-        self.paths = task_files(REPO_ID, FILES[split], local_path)
-        self.rows = read_rows(self.paths)
-        if len(self.rows) == 0:
-            raise ValueError(f"SmolTalk: no rows in {self.paths}")
-        self.order = shuffled_order(len(self.rows), seed)
+        super().__init__(REPO_ID, FILES[split], local_path, seed, **view)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
-
-    def get_example(self, index):
-        row_idx = self.order[index]
-        row = self.rows[row_idx]
+    def make_example(self, row, where):
         messages = row.get("messages")
         if not isinstance(messages, list):
-            raise ValueError(f"{REPO_ID} {self.split} row {row_idx} ({self.paths}): no 'messages' list")
+            raise ValueError(f"{where}: no 'messages' list")
         # keep only the schema's keys (hub rows may carry extras per message)
         messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
                     for m in messages]
@@ -51,10 +37,10 @@ class SmolTalk(Task):
         while len(messages) > 1 and isinstance(messages[-1], dict) and messages[-1]["role"] == "user":
             messages.pop()
         conversation = {"messages": messages}
-        validate_conversation(conversation, f"{REPO_ID} {self.split} row {row_idx}")
+        validate_conversation(conversation, where)
         return conversation
 
     def evaluate(self, conversation, assistant_response):
-        """Normalized exact match against the reference's last assistant message (a chat set: only a sanity
-        check, not a benchmark)."""
-        return exact_match(assistant_response, [assistant_text(conversation["messages"][-1])])
+        """Exact match against the reference's last assistant message (a chat set: only a sanity check, not a
+        benchmark)."""
+        return answer_match(conversation, assistant_response)

@@ -12,8 +12,9 @@ import random
 import pytest
 import torch
 
-from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataloader import tokenizing_distributed_data_loader, prefetch
 from nanochat.dataset import iter_texts
+from nanochat.tokenizer import Tokenizer
 
 BOS = 256
 
@@ -161,9 +162,8 @@ def test_errors(tmp_path):
 
 
 def test_real_tokenizer(tmp_path):
-    tokenizer_mod = pytest.importorskip("nanochat.tokenizer")
     d = make_data(tmp_path / "d")
-    tok = tokenizer_mod.Tokenizer.train_from_iterator(iter_texts(d, "train"), 300)
+    tok = Tokenizer.train_from_iterator(iter_texts(d, "train"), 300)
     bos = tok.get_bos_token_id()
     loader = tokenizing_distributed_data_loader(tok, B=2, T=32, split="train", data_dir=d, ddp_rank=0,
                                                 ddp_world_size=1)
@@ -194,7 +194,6 @@ def test_buffer_of_one_packs_in_stream_order(tmp_path):
 
 
 def test_prefetch_keeps_order_and_raises():
-    from nanochat.dataloader import prefetch
     assert list(prefetch(iter(range(100)), depth=3)) == list(range(100))
 
     def broken():

@@ -1,22 +1,27 @@
 """
 Tests for nanochat/dataset.py: local data dirs (parquet/jsonl/txt), the train/val split, rank striding,
-bad-input errors, and the shard downloader against a local HTTP server.
+bad-input errors, hub_file (huggingface_hub against a local stand-in for the hub's resolve endpoint, and offline
+from a pre-populated HF cache) and the shard downloader. No network.
 
     pytest -q tests/test_dataset.py
 """
 
 import os
+import re
 import json
+import hashlib
 import threading
-import http.server
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+from huggingface_hub import constants as hf_constants
 
 from nanochat import dataset
 from nanochat.dataset import (list_data_files, iter_texts, iter_documents, read_documents, parquets_iter_batched,
-                              download_file, download_shards, default_data_dir)
+                              download_shards, default_data_dir, hub_file, HubFileUnavailable, FINEWEB_REPO)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -155,89 +160,207 @@ def test_default_data_dir(tmp_path, monkeypatch):
     assert default_data_dir() == str(base_data)
 
 # -----------------------------------------------------------------------------
-# downloading, against a local server
+# hub files, against a local stand-in for the hub
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-class Server:
-    """A local HTTP server: fail_first 503s, then the file; truncate: lie about Content-Length."""
+class FakeHub:
+    """
+    What hf_hub_download asks of the hub's /datasets/<repo>/resolve/<revision>/<file>: HEAD answers X-Repo-Commit,
+    ETag and Content-Length; GET the bytes (from an offset for a Range request: 206); a missing file is a 404 with
+    X-Error-Code: EntryNotFound. Faults: fail_first (500 to the first N requests), cut_first (the first GET of a file
+    promises the whole body, sends half and hangs up), get_status (every GET answers that status), not_a_hub (no
+    X-Repo-Commit: a proxy or captive portal rather than a hub).
+    """
 
-    def __init__(self, files):
-        self.files, self.requests, self.fail_first, self.truncate = files, [], 0, False
-        outer = self
+    def __init__(self):
+        self.files, self.requests = {}, []  # files: "<repo_id>/<filename>" -> bytes; requests: (method, path, headers)
+        self.fail_first, self.cut_first, self.get_status, self.not_a_hub = 0, False, None, False
+        self.cut = set()
+        hub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                hub.answer(self)
+
             def do_GET(self):
-                outer.requests.append(self.path)
-                name = self.path.lstrip("/")
-                if len(outer.requests) <= outer.fail_first:
-                    self.send_error(503, "try again")
-                    return
-                if name not in outer.files:
-                    self.send_error(404, "no such shard")
-                    return
-                body = outer.files[name]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body) + (100 if outer.truncate else 0)))
-                self.end_headers()
-                self.wfile.write(body)
+                hub.answer(self)
 
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/shard_{{index:05d}}.parquet"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def answer(self, h):
+        self.requests.append((h.command, h.path, h.headers))  # headers: case-insensitive get
+        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/[^/]+/(.+)", urllib.parse.unquote(h.path))
+        key = m and f"{m.group(1)}/{m.group(2)}"
+        body = self.files.get(key)
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return self.send(h, 500, {}, b"")
+        if body is None:
+            return self.send(h, 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, b"")
+        headers = {} if self.not_a_hub else {"X-Repo-Commit": COMMIT}
+        headers["ETag"] = f'"{hashlib.sha256(body).hexdigest()}"'
+        if h.command == "GET" and self.get_status:
+            return self.send(h, self.get_status, {}, b"")
+        start = int(re.fullmatch(r"bytes=(\d+)-", h.headers["Range"]).group(1)) if "Range" in h.headers else 0
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        if h.command == "GET" and self.cut_first and key not in self.cut:
+            self.cut.add(key)
+            return self.send(h, 200, headers, body, cut=True)
+        self.send(h, 206 if start else 200, headers, body[start:])
+
+    def send(self, h, status, headers, body, cut=False):
+        h.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            h.send_header(k, v)
+        h.end_headers()
+        if h.command == "GET":
+            h.wfile.write(body[: len(body) // 2] if cut else body)
+
+    def methods(self):
+        return [m for m, _, _ in self.requests]
 
     def close(self):
-        if self.thread is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.thread = None
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def write_hub_cache(cache, repo_id, files, commit=COMMIT):
+    """files {filename: bytes} of a hub dataset laid out as huggingface_hub's cache documents it (what copying an HF
+    cache to an offline machine gives): datasets--org--name/refs/main -> commit, snapshots/<commit>/<filename>."""
+    repo = os.path.join(cache, "datasets--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    for name, body in files.items():
+        path = os.path.join(repo, "snapshots", commit, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(body)
 
 
 @pytest.fixture
-def server(tmp_path):
-    files = {}
-    for i in range(3):
-        write_parquet(tmp_path / f"src{i}.parquet", [f"shard {i} doc {j}" for j in range(20)], 10)
-        files[f"shard_{i:05d}.parquet"] = (tmp_path / f"src{i}.parquet").read_bytes()
-    s = Server(files)
-    yield s
-    s.close()
+def hub(tmp_path, monkeypatch):
+    h = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", h.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # in case the shell had it set when the hub was imported
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield h
+    h.close()
 
 
-def test_download_retries_and_skips_existing(tmp_path, server):
+def leftovers(d):
+    """Partial downloads anywhere under d."""
+    return [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith((".incomplete", ".tmp"))]
+
+
+def test_hub_file_downloads_once_into_the_hf_cache(hub, tmp_path, monkeypatch):
+    hub.files["org/data/sub/x.jsonl"] = b'{"a": 1}\n'
+    monkeypatch.setenv("HF_TOKEN", "secret-token")
+    path = hub_file("org/data", "sub/x.jsonl")
+    assert path == str(tmp_path / "hf_cache" / "datasets--org--data" / "snapshots" / COMMIT / "sub" / "x.jsonl")
+    assert open(path, "rb").read() == b'{"a": 1}\n'
+    assert hub.methods() == ["HEAD", "GET"]
+    assert all(headers.get("Authorization") == "Bearer secret-token" for _, _, headers in hub.requests)
+    assert hub_file("org/data", "sub/x.jsonl") == path and hub.methods().count("GET") == 1  # reused: no new GET
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(hub.requests)
+    assert hub_file("org/data", "sub/x.jsonl") == path and len(hub.requests) == n  # offline: the cache alone
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub_file("org/data", "sub/x.jsonl", revision="v2")
+    assert hub.requests[-1][1] == "/datasets/org/data/resolve/v2/sub/x.jsonl"
+
+
+def test_hub_file_retries_a_server_error_and_resumes_a_cut_download(hub, tmp_path, monkeypatch):
+    # huggingface_hub resumes from the last whole chunk it wrote (10 MiB); 4 KiB chunks keep the test file small
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+    body = bytes(range(256)) * 400
+    hub.files["org/data/big.bin"] = body
+    hub.fail_first, hub.cut_first = 1, True
+    path = hub_file("org/data", "big.bin")
+    assert open(path, "rb").read() == body
+    assert hub.methods() == ["HEAD", "HEAD", "GET", "GET"]  # 500, then ok; half a body, then the rest
+    resumed_at = int(re.fullmatch(r"bytes=(\d+)-", hub.requests[-1][2]["Range"]).group(1))
+    assert 0 < resumed_at <= len(body) // 2
+    assert not leftovers(tmp_path)
+
+
+def test_hub_file_failures_are_clear_and_leave_nothing(hub, tmp_path, monkeypatch):
+    cache = str(tmp_path / "hf_cache")
+    with pytest.raises(HubFileUnavailable) as e:
+        hub_file("org/data", "missing.parquet", hint="Try X.")
+    msg = str(e.value)
+    assert msg.startswith("org/data: missing.parquet (revision main) is not in the Hugging Face cache")
+    assert cache in msg and "the hub has no such file" in msg and msg.endswith("Try X.")
+    assert hub.methods() == ["HEAD"]  # a 404 is not retried
+    hub.files["org/data/f.parquet"] = b"PAR1 some bytes PAR1"
+    hub.get_status = 500
+    with pytest.raises(HubFileUnavailable, match="the download failed"):
+        hub_file("org/data", "f.parquet")
+    assert not leftovers(tmp_path) and not os.listdir(os.path.join(cache, "datasets--org--data", "blobs"))
+    hub.get_status, hub.not_a_hub = None, True
+    with pytest.raises(HubFileUnavailable, match=f"the hub at {hub.url} could not be reached .*X-Repo-Commit"):
+        hub_file("org/data", "f.parquet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(hub.requests)
+    with pytest.raises(HubFileUnavailable, match="HF_HUB_OFFLINE is set, so the hub was not asked"):
+        hub_file("org/data", "f.parquet")
+    assert len(hub.requests) == n
+
+# -----------------------------------------------------------------------------
+# FineWeb-Edu shards
+
+
+def shard_bytes(tmp_path, i):
+    write_parquet(tmp_path / f"src{i}.parquet", [f"shard {i} doc {j}" for j in range(20)], 10)
+    return (tmp_path / f"src{i}.parquet").read_bytes()
+
+
+SHARDS = [f"shard_{i:05d}.parquet" for i in range(3)]
+
+
+def test_download_shards_links_from_the_cache_and_skips_existing(tmp_path, hub, monkeypatch):
+    for i, name in enumerate(SHARDS):
+        hub.files[f"{FINEWEB_REPO}/{name}"] = shard_bytes(tmp_path, i)
     out = tmp_path / "base_data"
-    server.fail_first = 2  # two 503s: retried with backoff
-    paths = download_shards(3, str(out), workers=2, url_pattern=server.url, backoff=0.01)
-    assert [os.path.basename(p) for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    paths = download_shards(3, str(out), workers=2)
+    assert paths == [str(out / name) for name in SHARDS] and sorted(os.listdir(out)) == SHARDS  # no temp files
     for p in paths:
-        assert open(p, "rb").read() == server.files[os.path.basename(p)]
-    assert len(server.requests) == 5
-    assert sorted(os.listdir(out)) == sorted(server.files)  # no temp files left
+        assert open(p, "rb").read() == hub.files[f"{FINEWEB_REPO}/{os.path.basename(p)}"]
+        assert os.stat(p).st_nlink == 2  # a hard link to the cache's blob: no second copy on disk
     assert list(iter_texts(str(out), "val")) == [f"shard 2 doc {j}" for j in range(20)]
-    n = len(server.requests)
-    download_shards(3, str(out), workers=2, url_pattern=server.url, backoff=0.01)
-    assert len(server.requests) == n  # all there: nothing fetched
+    n = len(hub.requests)
+    download_shards(3, str(out), workers=2)
+    assert len(hub.requests) == n  # all there: nothing asked
+    # the cache on another filesystem: a copy instead
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+    os.remove(out / SHARDS[0])
+    download_shards(1, str(out))
+    assert os.stat(out / SHARDS[0]).st_nlink == 1 and (out / SHARDS[0]).read_bytes() == hub.files[
+        f"{FINEWEB_REPO}/{SHARDS[0]}"]
 
 
-def test_download_failures_leave_nothing(tmp_path, server):
-    out = tmp_path / "dl"
-    server.truncate = True  # every response is cut short: retried, then a clear error, and no partial file
-    with pytest.raises(ConnectionError, match="could not reach .*after 3 attempts.*--builtin"):
-        download_file(server.url.format(index=0), str(out / "shard_00000.parquet"), retries=3, backoff=0.01)
-    assert len(server.requests) == 3
-    assert os.listdir(out) == []
-    server.truncate = False
-    with pytest.raises(RuntimeError, match="HTTP 404"):  # a missing shard is not retried
-        download_file(server.url.format(index=7), str(out / "shard_00007.parquet"), retries=3, backoff=0.01)
-    assert len(server.requests) == 4
-    port = server.httpd.server_address[1]
-    server.close()  # nobody listening: the offline message
-    with pytest.raises(ConnectionError, match="to run offline use"):
-        download_file(f"http://127.0.0.1:{port}/x.parquet", str(out / "x.parquet"), retries=2, backoff=0.01)
-    assert os.listdir(out) == []
+def test_download_shards_offline_from_a_copied_cache(tmp_path, hub, monkeypatch):
+    write_hub_cache(tmp_path / "hf_cache", FINEWEB_REPO, {name: shard_bytes(tmp_path, i)
+                                                          for i, name in enumerate(SHARDS[:2])})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "data"
+    download_shards(2, str(out))
+    assert list(iter_texts(str(out), "val")) == [f"shard 1 doc {j}" for j in range(20)]
+    with pytest.raises(HubFileUnavailable, match=r"shard_00002\.parquet .*HF_HUB_OFFLINE.*tasks\.builtin_corpus"):
+        download_shards(3, str(out))
+    assert sorted(os.listdir(out)) == SHARDS[:2] and hub.requests == []
+    with pytest.raises(ValueError, match="num_shards"):
+        download_shards(0, str(out))
 
 
 def test_cli_help(capsys):

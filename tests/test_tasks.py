@@ -1,30 +1,32 @@
 """
-Tests for tasks/common.py (views, mixture, sequence, metrics, validation), tasks/hf.py (hub download against a
-local http.server, readers) and the chat / multiple-choice / math loaders (customjson, smoltalk, mmlu, arc,
-gsm8k) on small fixtures written in the hub's column layouts. No network.
+Tests for tasks/common.py (views, mixture, validation, answer_match), tasks/hf.py (where a task's files come from:
+local_path, the --hf-local mirror, an offline HF cache; readers) and the chat / multiple-choice / math loaders
+(customjson, smoltalk, mmlu, arc, gsm8k) on small fixtures written in the hub's column layouts. No network: hub
+downloads themselves are tested in tests/test_dataset.py (nanochat.dataset.hub_file).
 
     pytest -x -q tests/test_tasks.py
 """
 
 import os
+import re
 import json
-import threading
 from collections import Counter
 from fractions import Fraction
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.common import Task, TaskMixture, render_mc, validate_conversation, mc_letter, shuffled_order
-from tasks.hf import (hf_dataset_file, hf_cache_path, read_records, read_rows, task_files, HubFileUnavailable,
-                      ParquetRows)
+from nanochat.dataset import HubFileUnavailable
+from nanochat.metrics import NO_ANSWER
+from tasks.common import Task, TaskMixture, render_mc, validate_conversation, mc_letter, shuffled_order, answer_match
+from tasks.hf import read_records, read_rows, task_files, use_hf_local, ParquetRows
 from tasks.customjson import CustomJSON
 from tasks.smoltalk import SmolTalk
 from tasks.mmlu import MMLU
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K, parse_solution, extract_answer
+from test_dataset import write_hub_cache  # the documented HF cache layout (tests/ is on sys.path under pytest)
 
 
 def write_parquet(path, rows):
@@ -192,127 +194,48 @@ def test_validate_conversation_rejects(conversation, reason):
 
 
 # -----------------------------------------------------------------------------
-# hub downloads (against a local server)
-
-
-class FakeHub:
-    """A local HTTP server: files by URL path, optional failures, and a log of requests (path, headers)."""
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-        self.fail_first = 0        # answer 500 to the first N requests
-        self.truncate = set()      # paths answered with a body shorter than Content-Length
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub.requests.append((self.path, dict(self.headers)))
-                if hub.fail_first > 0:
-                    hub.fail_first -= 1
-                    self.send_error(500, "flaky")
-                    return
-                body = hub.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "not found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if self.path in hub.truncate else body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+# where a task's files come from
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    h = FakeHub()
-    monkeypatch.setenv("NANOCHAT_HF_ENDPOINT", h.url)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield h
-    h.close()
-
-
-def leftovers(d):
-    return [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".tmp")]
-
-
-def test_hf_download_caches_and_sends_token(hub, tmp_path, monkeypatch):
-    hub.files["/datasets/org/data/resolve/main/sub/x.jsonl"] = b'{"a": 1}\n{"a": 2}\n'
-    monkeypatch.setenv("HF_TOKEN", "secret-token")
-    path = hf_dataset_file("org/data", "sub/x.jsonl")
-    assert path == os.path.join(str(tmp_path / "base"), "hf_cache", "org", "data", "sub", "x.jsonl")
-    assert read_records(path) == [{"a": 1}, {"a": 2}]
-    assert hub.requests[0][1].get("Authorization") == "Bearer secret-token"
-    assert hf_dataset_file("org/data", "sub/x.jsonl") == path  # second call: from the cache
-    assert len(hub.requests) == 1
-    # a non-main revision gets its own cache entry and URL
-    hub.files["/datasets/org/data/resolve/abc123/sub/x.jsonl"] = b'{"a": 3}\n'
-    p2 = hf_dataset_file("org/data", "sub/x.jsonl", revision="abc123")
-    assert p2 != path and read_records(p2) == [{"a": 3}]
-
-
-def test_hf_download_retries_server_errors(hub):
-    hub.files["/datasets/org/data/resolve/main/f.json"] = b'[{"x": 1}]'
-    hub.fail_first = 2
-    path = hf_dataset_file("org/data", "f.json", retries=3, backoff=0)
-    assert read_records(path) == [{"x": 1}] and len(hub.requests) == 3
-
-
-def test_hf_download_404_fails_fast_with_clear_message(hub, tmp_path):
-    with pytest.raises(HubFileUnavailable) as e:
-        hf_dataset_file("org/data", "missing.parquet", retries=3, backoff=0)
-    msg = str(e.value)
-    assert f"{hub.url}/datasets/org/data/resolve/main/missing.parquet" in msg and "404" in msg
-    assert hf_cache_path("org/data", "missing.parquet") in msg and "local_path=" in msg
-    assert len(hub.requests) == 1  # no retry on 404
-    assert not leftovers(tmp_path)
-
-
-def test_hf_download_truncated_body_leaves_nothing(hub, tmp_path):
-    hub.files["/datasets/org/data/resolve/main/big.bin"] = b"x" * 5000
-    hub.truncate.add("/datasets/org/data/resolve/main/big.bin")
-    with pytest.raises(HubFileUnavailable, match="could not fetch"):
-        hf_dataset_file("org/data", "big.bin", retries=2, backoff=0)
-    assert len(hub.requests) == 2
-    assert not os.path.exists(hf_cache_path("org/data", "big.bin")) and not leftovers(tmp_path)
-
-
-def test_hf_offline_and_unreachable(hub, tmp_path, monkeypatch):
+def hf_offline(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline: a task gets only what a test puts there (or in a local mirror)."""
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HubFileUnavailable) as e:
-        hf_dataset_file("openai/gsm8k", "main/test-00000-of-00001.parquet")
-    msg = str(e.value)
-    assert "HF_HUB_OFFLINE" in msg and "/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet" in msg
-    assert hf_cache_path("openai/gsm8k", "main/test-00000-of-00001.parquet") in msg and "local_path=" in msg
-    assert hub.requests == []
-    # the loaders surface the same error
-    with pytest.raises(HubFileUnavailable, match="local_path="):
-        GSM8K("main", "test")
-    # network down: nothing listens on the endpoint
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setenv("NANOCHAT_HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(HubFileUnavailable, match="could not fetch http://127.0.0.1:9/datasets/org/x/resolve/main/y"):
-        hf_dataset_file("org/x", "y.jsonl", retries=2, backoff=0)
+    monkeypatch.setenv("NANOCHAT_HF_LOCAL", "")  # recorded, so that what use_hf_local sets is undone after the test
+    monkeypatch.delenv("NANOCHAT_HF_LOCAL")
+    return cache
 
 
-def test_task_downloads_from_hub_layout(hub):
+def test_task_from_the_hf_cache_and_the_offline_message(hf_offline):
     buf = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist([{"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}]), buf)
-    hub.files["/datasets/openai/gsm8k/resolve/main/socratic/train-00000-of-00001.parquet"] = buf.getvalue().to_pybytes()
+    write_hub_cache(hf_offline, "openai/gsm8k", {"socratic/train-00000-of-00001.parquet": buf.getvalue().to_pybytes()})
     task = GSM8K("socratic", "train")
-    assert len(task) == 1 and task.evaluate(task[0], "#### 5")
+    assert len(task) == 1 and task.evaluate(task[0], "#### 5") and task.paths[0].startswith(str(hf_offline))
+    with pytest.raises(HubFileUnavailable) as e:
+        GSM8K("main", "test")
+    msg = str(e.value)
+    assert msg.startswith("openai/gsm8k: main/test-00000-of-00001.parquet (revision main) is not in the Hugging Face "
+                          f"cache ({hf_offline}) and HF_HUB_OFFLINE is set")
+    assert "--hf-local DIR" in msg and "local_path=" in msg and "HF_ENDPOINT" in msg
+
+
+def test_hf_local_mirror(tmp_path, monkeypatch, hf_offline):
+    # --hf-local DIR (NANOCHAT_HF_LOCAL=DIR): DIR/<repo_id>/<file> comes before the HF cache
+    root = tmp_path / "mirror"
+    write_parquet(root / "HuggingFaceTB/smol-smoltalk/data/test-00000-of-00001.parquet", smoltalk_rows(5))
+    use_hf_local(None)
+    assert "NANOCHAT_HF_LOCAL" not in os.environ
+    with pytest.raises(FileNotFoundError, match="--hf-local"):
+        use_hf_local(str(tmp_path / "nowhere"))
+    use_hf_local(str(root))
+    assert os.environ["NANOCHAT_HF_LOCAL"] == str(root)
+    task = SmolTalk("test")
+    assert len(task) == 5 and task.paths[0].startswith(str(root))
+    with pytest.raises(HubFileUnavailable, match=r"--hf-local DIR"):  # not in the mirror: the HF cache, offline
+        GSM8K("main", "test")
 
 
 # -----------------------------------------------------------------------------
@@ -330,6 +253,9 @@ def test_read_records_errors_name_file_and_line(tmp_path):
     p.write_text('[\n{"x": 1},\n{"x": oops}\n]')
     with pytest.raises(ValueError, match=r"c\.json:3: invalid JSON"):
         read_records(p)
+    (tmp_path / "c2.json").write_bytes(b'[\n{"x": "\xff"}\n]')
+    with pytest.raises(ValueError, match=r"c2\.json:2: not valid UTF-8"):
+        read_records(tmp_path / "c2.json")
     (tmp_path / "d.json").write_text('{"k1": {"v": 1}, "k2": {"v": 2}}')
     assert read_records(tmp_path / "d.json") == [{"_key": "k1", "v": 1}, {"_key": "k2", "v": 2}]
     (tmp_path / "e.parquet").write_bytes(b"not a parquet file")
@@ -412,6 +338,15 @@ def test_customjson_bad_line_names_file_and_line(tmp_path, bad, reason):
     assert f"{p}:3:" in str(e.value)
 
 
+def test_answer_match():
+    plain = conv("Who wrote it?", "Ann Roe [1].")
+    assert answer_match(plain, "ann roe") and answer_match(plain, "Ann Roe [2]") and not answer_match(plain, "Bo")
+    qa = conv("q", "It is 42 [1].", answers=["42", "forty-two [1]"])
+    assert answer_match(qa, "42 [3].") and answer_match(qa, "Forty-two") and not answer_match(qa, "It is 42")
+    unanswerable = conv("q", "Not in the documents [1].", answers=[])  # [] means: the answer is NO_ANSWER
+    assert answer_match(unanswerable, NO_ANSWER + " [1]") and not answer_match(unanswerable, "Not in the documents")
+
+
 def test_customjson_missing_and_empty(tmp_path):
     with pytest.raises(FileNotFoundError):
         CustomJSON(tmp_path / "none.jsonl")
@@ -454,18 +389,6 @@ def test_smoltalk_local_file_and_mirror(tmp_path):
     assert len(SmolTalk("train", local_path=mirror)) == 12 and len(SmolTalk("test", local_path=mirror)) == 2
     with pytest.raises(ValueError, match="SmolTalk split"):
         SmolTalk("validation", local_path=p)
-
-
-def test_hf_local_mirror_env(tmp_path, monkeypatch, hub):
-    # NANOCHAT_HF_LOCAL=DIR (the scripts' --hf-local): DIR/<repo_id>/<file> is used without touching the hub
-    root = tmp_path / "mirror"
-    write_parquet(root / "HuggingFaceTB/smol-smoltalk/data/test-00000-of-00001.parquet", smoltalk_rows(5))
-    monkeypatch.setenv("NANOCHAT_HF_LOCAL", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = SmolTalk("test")
-    assert len(task) == 5 and task.paths[0].startswith(str(root)) and hub.requests == []
-    with pytest.raises(HubFileUnavailable, match=r"--hf-local DIR"):  # not in the mirror: the hint names the flag
-        GSM8K("main", "test")
 
 
 def test_smoltalk_bad_row(tmp_path):
@@ -544,6 +467,10 @@ def test_arc(tmp_path):
     assert len(ARC("ARC-Challenge", "test", local_path=tmp_path)) == 3
     with pytest.raises(ValueError, match="ARC subset"):
         ARC("ARC-Hard", "test", local_path=p)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), empty)
+    with pytest.raises(ValueError, match=r"ARC: no rows in .*empty\.parquet"):
+        ARC("ARC-Easy", "train", local_path=empty)
     bad = write_parquet(tmp_path / "bad.parquet", [{**rows[0], "answerKey": "E"}])
     with pytest.raises(ValueError, match="answerKey 'E'"):
         ARC("ARC-Easy", "train", local_path=bad)[0]
@@ -563,7 +490,6 @@ def test_gsm8k_parse_solution():
     assert [p["text"] for p in parts if p["type"] == "python"] == ["3*12", "1000/100", "36-10"]
     assert [p["text"] for p in parts if p["type"] == "python_output"] == ["36", "10", "26"]
     # text parts are the solution with the annotations cut out, in order
-    import re
     assert "".join(p["text"] for p in parts if p["type"] == "text") == re.sub(r"<<[^<>]*>>", "", SOLUTION)
     assert parts[-1]["text"].endswith("#### 26")
     assert parse_solution("<<2+2=4>>4 #### 4")[0] == {"type": "python", "text": "2+2"}
