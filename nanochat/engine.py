@@ -1,25 +1,38 @@
 """
 Inference: a per-generation cache (KV for "T" layers, conv/SSM state for "M" layers) and the Engine, a small
-tool-using state machine on top of GPT.forward.
+tool-using state machine on top of GPT.forward that also runs REFRAG's multi-hop retrieval loop.
 
     from nanochat.engine import Engine
-    engine = Engine(model, tokenizer)                      # optional: retriever=RetrievalManager(...)
+    engine = Engine(model, tokenizer)                       # REFRAG: retriever=RetrievalManager(...), max_hops=3
     text = engine.generate_from_conversation({"messages": [{"role": "user", "content": "hi"}]}, max_tokens=64)
+    traces = engine.generate_trajectories(conversation, num_samples=8, temperature=1.0)  # rollouts, evaluation
     for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64): ...
 
-How generation runs: the prompt is prefilled once at batch 1, then the cache is replicated to num_samples
-rows, and every step feeds one token per row. Tools: when a row closes a tool call (<|python_end|> for the
-calculator; <|query_end|> for retrieval when the Engine has a retriever), the Engine runs the tool and queues
-its output tokens for that row; queued tokens are forced (mask 0) instead of sampled, one per step, so they
-advance the KV and Mamba states like any other token. Adding a tool is one more entry in self.tools.
+How generation runs: the prompt is prefilled once at batch 1, the cache is replicated to num_samples rows, and each
+forward feeds one column of tokens per row through the cache. Tools: when a row closes a tool call (<|python_end|>
+for the calculator; <|query_end|> for retrieval when the Engine has a retriever), the Engine runs the tool and
+queues its output for that row; queued tokens are forced (mask 0) instead of sampled, and they advance the KV and
+Mamba states like any other token: the context is never re-prefilled. When every unfinished row has forced tokens
+queued, they go through the cache as one multi-token chunk (GPT.forward with T > 1 on top of the cache), so at batch
+1 a retrieval hop costs one forward however long its documents are. Adding a tool is one more entry in self.tools.
+
+REFRAG (the trajectory of ../shared/DESIGN.md): the model writes <|query_start|>query<|query_end|>; the Engine
+retrieves for it the top retrieval_top_k documents this row has not shown yet (the prompt's own documents count as
+shown), numbers them after the row's last number, cuts each to doc_chars characters and forces the block
+exactly as tokenizer.render_conversation renders a documents part there. Past max_hops queries, when nothing new is
+found, or when no document fits the tokens the row has left, the block carries a notice instead (tokenizer.NOTICE_*).
 """
 
+import math
 from collections import deque
 
 import torch
 
 from nanochat.gpt import sample_next_token
 from nanochat.execution import use_calculator
+from nanochat.rag_utils import as_doc_dict
+from nanochat.tokenizer import (DOC_CHARS, MAX_CHARS_PER_TOKEN, NOTICE_HOP_CAP, NOTICE_NO_NEW_DOCUMENTS,
+                                NOTICE_NO_ROOM, cut_document)
 
 
 # -----------------------------------------------------------------------------
@@ -89,109 +102,272 @@ class InferenceCache:
 # -----------------------------------------------------------------------------
 # the engine
 
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class RowState:
-    def __init__(self, tokens):
-        self.tokens = list(tokens)  # everything in this row so far (prompt included)
+    """One row of a generation: its tokens, the forced tokens it waits for, the tool call being written, and its
+    REFRAG state (documents shown so far, numbering, queries, format problems)."""
+
+    def __init__(self, tokens, documents, shown_keys):
+        self.tokens = list(tokens)  # prompt + generated (forced included), through the terminal token
+        self.mask = []  # per generated token: 1 sampled, 0 forced
         self.forced = deque()  # tool output waiting to be forced in
         self.tool = None  # the end-token id of the tool call being written, or None
         self.tool_tokens = []
-        self.completed = False
+        self.completed = False  # wrote <|assistant_end|> (or <|bos|>)
+        self.documents = [dict(d) for d in documents]  # every numbered document, in number order
+        self.shown = set(shown_keys)  # identities of the documents the model has seen (never shown twice)
+        self.next_number = max((d["number"] for d in self.documents), default=0) + 1
+        self.queries = []
+        self.blocks = []  # the documents parts forced into this row, in order (the trace's "parts")
+        self.errors = []
+
+    def error(self, code):
+        if code not in self.errors:
+            self.errors.append(code)
 
 
 class Engine:
-    def __init__(self, model, tokenizer, retriever=None, retrieval_top_k=3):
+    # tokens a forced document block leaves for the answer (at most half of what the row has left): without it,
+    # one long block could use up max_tokens and end the row before it answers
+    ANSWER_RESERVE = 64
+
+    def __init__(self, model, tokenizer, retriever=None, retrieval_top_k=3, max_hops=3, doc_chars=DOC_CHARS,
+                 force_chunks=True):
+        """
+        retriever: anything with retrieve(query, top_k) -> [(Document, score)] or document dicts (a
+        RetrievalManager, any KB type); None = no retrieval tool. retrieval_top_k: new documents shown per query
+        (the best ones this row has not shown yet). max_hops: follow-up queries answered per row. doc_chars: the
+        character cap of every document (tokenizer.cut_document). force_chunks=False forces queued tool output
+        one token per forward (the reference the chunked path is tested against).
+        """
+        if not _is_int(retrieval_top_k) or retrieval_top_k < 1:
+            raise ValueError(f"retrieval_top_k must be a positive int, got {retrieval_top_k!r}")
+        if not _is_int(max_hops) or max_hops < 0:
+            raise ValueError(f"max_hops must be an int >= 0, got {max_hops!r}")
+        if not _is_int(doc_chars) or doc_chars < 1:
+            raise ValueError(f"doc_chars must be a positive int, got {doc_chars!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.retrieval_top_k = retrieval_top_k
+        self.max_hops = max_hops
+        self.doc_chars = doc_chars
+        self.force_chunks = force_chunks
         enc = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = enc("<|assistant_end|>")
-        # tools: end token -> (start token, function(text) -> list of token ids to force, or None)
+        self.query_start, self.query_end = enc("<|query_start|>"), enc("<|query_end|>")
+        # only the Engine writes document blocks: the model sampling one of these is a format error
+        self.block_tokens = {enc(n) for n in ("<|retrieval_start|>", "<|retrieval_end|>", "<|doc_start|>",
+                                              "<|doc_end|>")}
+        # tools: end token -> (start token, function(row, text, tokens left) -> list of token ids to force)
         self.tools = {enc("<|python_end|>"): (enc("<|python_start|>"), self._run_calculator)}
         if retriever is not None:
-            self.tools[enc("<|query_end|>")] = (enc("<|query_start|>"), self._run_retrieval)
+            self.tools[self.query_end] = (self.query_start, self._run_retrieval)
 
-    def _run_calculator(self, expr):
-        result = use_calculator(expr)
-        if result is None:
-            return None
+    # ---- tools
+
+    def _run_calculator(self, row, expr, left):
+        # a refused expression gives "error: ..." (issue 15, item 9): forced like a result, so the model sees it
         enc = self.tokenizer.encode_special
-        return [enc("<|output_start|>")] + self.tokenizer.encode(result) + [enc("<|output_end|>")]
+        return [enc("<|output_start|>")] + self.tokenizer.encode(use_calculator(expr)) + [enc("<|output_end|>")]
 
-    def _run_retrieval(self, query):
-        hits = self.retriever.retrieve(query, top_k=self.retrieval_top_k)
-        docs = [dict(id=d.id, title=d.title, content=d.content, score=float(s)) for d, s in hits]
-        return self.tokenizer.render_documents(docs)
+    def _doc_key(self, doc):
+        """A document's identity for "already shown": its id, else its (title, shown content)."""
+        if doc.get("id") not in (None, ""):
+            return ("id", str(doc["id"]))
+        return ("text", doc.get("title") or "", cut_document(doc["content"], self.doc_chars))
 
-    @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """
-        Stream generation for num_samples rows from one prompt. Yields (token_column, mask_column), one entry
-        per row (mask 1 = sampled, 0 = forced tool output). Row i samples with its own generator seeded
-        seed + i, so row i of a batch is exactly what a single-row generation with seed + i produces.
-        """
-        assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int), "tokens must be a non-empty list of ints"
-        model = self.model
-        device = model.get_device()
-        seq_len = model.config.sequence_len
-        if len(tokens) > seq_len:
-            raise ValueError(f"the prompt is {len(tokens)} tokens but the model's context is {seq_len} tokens; "
-                             f"shorten the question or pass fewer/shorter documents")
-        limit = model.rotary_seq_len - len(tokens)
-        max_tokens = limit if max_tokens is None else min(max_tokens, limit)
-        rngs = []
-        for i in range(num_samples):
-            g = torch.Generator(device=device)
-            g.manual_seed(seed + i)
-            rngs.append(g)
+    def _run_retrieval(self, row, query, left):
+        query = query.strip()
+        row.queries.append(query)
+        hop = len(row.queries)
+        if hop > self.max_hops:
+            row.error("hop_cap_exceeded")
+            return self._block(row, hop, [], NOTICE_HOP_CAP)
+        if not query:
+            row.error("empty_query")
+            return self._block(row, hop, [], NOTICE_NO_NEW_DOCUMENTS)
+        # the top retrieval_top_k documents not shown yet: retrieve deep enough that the shown ones cannot crowd
+        # them out (the rule of MultiHopRAGTask and of the gold trajectories in tasks/multihop.py)
+        new, keys = [], set()
+        for hit in self.retriever.retrieve(query, top_k=self.retrieval_top_k + len(row.shown)):
+            doc = as_doc_dict(hit)
+            key = self._doc_key(doc)
+            if key not in row.shown and key not in keys and len(new) < self.retrieval_top_k:
+                new.append(doc)
+                keys.add(key)
+        if not new:
+            return self._block(row, hop, [], NOTICE_NO_NEW_DOCUMENTS)
+        # the block must leave room for the answer: drop the lowest-ranked new documents until it fits (they stay
+        # unshown, so a later query may bring them)
+        budget = left - min(self.ANSWER_RESERVE, left // 2)
+        doc_chars = min(self.doc_chars, MAX_CHARS_PER_TOKEN * max(budget, 1))  # never encode what cannot fit
+        while new:
+            ids = self.tokenizer.render_documents(new, row.next_number, doc_chars)
+            if len(ids) <= budget:
+                return self._block(row, hop, new, None, doc_chars, ids)
+            new.pop()
+        return self._block(row, hop, [], NOTICE_NO_ROOM)
 
-        # prefill once at batch 1, then replicate the cache to num_samples rows
-        cache = InferenceCache(model, 1, len(tokens) + max_tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(ids, cache=cache)[:, -1, :]
-        if num_samples > 1:
-            cache = cache.replicate(num_samples)
-            logits = logits.expand(num_samples, -1)
-        rows = [RowState(tokens) for _ in range(num_samples)]
+    def _block(self, row, hop, docs, notice, doc_chars=None, ids=None):
+        """Record a forced retrieval block in the row (documents numbered on, marked shown); returns its ids."""
+        shown = []
+        for j, doc in enumerate(docs):
+            d = {"number": row.next_number + j, "hop": hop, "id": doc["id"], "title": doc["title"],
+                 "content": cut_document(doc["content"], doc_chars), "shown": True}
+            d.update({k: doc[k] for k in ("parent_id", "score") if k in doc})
+            shown.append(d)
+            row.shown.add(self._doc_key(doc))
+        row.documents.extend(shown)
+        row.next_number += len(shown)
+        part = {"type": "documents", "documents": shown}
+        if notice:
+            part["notice"] = notice
+        row.blocks.append(part)
+        if ids is None:
+            ids = self.tokenizer.render_documents([], row.next_number, self.doc_chars, notice)
+        return ids
 
-        for _ in range(max_tokens):
-            if temperature == 0.0:
-                sampled = torch.argmax(logits, dim=-1).tolist()
-            else:
-                sampled = [sample_next_token(logits[i:i + 1], rngs[i], temperature, top_k).item() for i in range(num_samples)]
-            token_column, mask_column = [], []
-            for row, tok in zip(rows, sampled):
-                if row.forced:
-                    tok, mask = row.forced.popleft(), 0
-                else:
-                    mask = 1
-                token_column.append(tok)
-                mask_column.append(mask)
-                row.tokens.append(tok)
-                if row.completed:
-                    continue
-                if tok == self.assistant_end or tok == self.bos:
-                    row.completed = True
-                self._step_tools(row, tok)
-            yield token_column, mask_column
-            if all(r.completed for r in rows):
-                break
-            ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = model(ids, cache=cache)[:, -1, :]
-
-    def _step_tools(self, row, tok):
+    def _step_tools(self, row, tok, left):
         starts = {start: end for end, (start, _) in self.tools.items()}
+        if tok in self.block_tokens:
+            row.error("forged_retrieval")
+        if self.query_end in self.tools and ((tok == self.query_end and row.tool != self.query_end)
+                                             or (tok == self.query_start and row.tool == self.query_end)):
+            row.error("unbalanced_query_tags")  # a query closed that was never opened, or opened twice
         if tok in starts:
             row.tool, row.tool_tokens = starts[tok], []
         elif row.tool is not None and tok == row.tool:
             _, fn = self.tools[row.tool]
-            forced = fn(self.tokenizer.decode(row.tool_tokens))
-            if forced:
-                row.forced.extend(forced)
+            row.forced.extend(fn(row, self.tokenizer.decode(row.tool_tokens), left))
             row.tool, row.tool_tokens = None, []
         elif row.tool is not None:
             row.tool_tokens.append(tok)
+
+    def _take(self, row, tok, mask, left):
+        """Append one token to a row; a sampled one may end the row or call a tool (left: tokens still allowed)."""
+        row.tokens.append(tok)
+        row.mask.append(mask)
+        if mask:  # forced tokens are context: they neither end the row nor call tools
+            if tok == self.assistant_end or tok == self.bos:
+                row.completed = True
+            self._step_tools(row, tok, left)
+
+    # ---- generation
+
+    def _sample(self, logits, rows, rngs, temperature, top_k):
+        """{row index: token} for the row indices in rows. Row i draws from its own generator, and only when it
+        samples, so a row's draws do not depend on the other rows (or on how forced tokens were chunked)."""
+        if temperature == 0.0:
+            best = torch.argmax(logits, dim=-1).tolist()
+            return {i: best[i] for i in rows}
+        return {i: sample_next_token(logits[i:i + 1], rngs[i], temperature, top_k).item() for i in rows}
+
+    def _check(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
+        """Clear ValueErrors for bad arguments (issue 15, item 6); returns max_tokens clipped to the rotary table."""
+        if not isinstance(tokens, list) or not tokens:
+            raise ValueError(f"tokens must be a non-empty list of token ids, got {str(tokens)[:80]}")
+        vocab = self.model.config.vocab_size
+        for i, t in enumerate(tokens):
+            if not _is_int(t) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token {i} is {t!r}: not a token id in [0, {vocab}) of this model")
+        if not _is_int(num_samples) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int (or None), got {max_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be None (no top-k) or a positive int, got {top_k!r}")
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        seq_len = self.model.config.sequence_len
+        if len(tokens) > seq_len:
+            raise ValueError(f"the prompt is {len(tokens)} tokens but the model's context is {seq_len} tokens; "
+                             f"shorten the question or pass fewer/shorter documents")
+        limit = self.model.rotary_seq_len - len(tokens)
+        return limit if max_tokens is None else min(max_tokens, limit)
+
+    def _rows(self, tokens, num_samples, shown_documents):
+        """num_samples fresh rows that have seen shown_documents (numbered by position unless they carry "number")."""
+        if shown_documents is not None and not isinstance(shown_documents, list):
+            raise ValueError(f"shown_documents must be a list of document dicts, got {type(shown_documents).__name__}")
+        docs = []
+        for i, d in enumerate(shown_documents or []):
+            if not isinstance(d, dict) or not isinstance(d.get("content"), str):
+                raise ValueError(f"shown_documents[{i}]: expected a dict with a str \"content\", got {str(d)[:100]!r}")
+            doc = {"number": d.get("number", i + 1), "hop": d.get("hop", 0), "id": d.get("id"),
+                   "title": d.get("title") or "", "content": d["content"], "shown": d.get("shown", True)}
+            doc.update({k: d[k] for k in ("parent_id", "score") if d.get(k) is not None})
+            docs.append(doc)
+        keys = [self._doc_key(d) for d in docs if d["shown"]]
+        return [RowState(tokens, docs, keys) for _ in range(num_samples)]
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+                 shown_documents=None):
+        """
+        Stream generation for num_samples rows from one prompt. Yields (token_column, mask_column), one entry per
+        row (mask 1 = sampled, 0 = forced tool output; after a row's terminal token its entries are filler). Row i
+        samples with its own generator seeded seed + i, so row i of a batch is what a single-row generation with
+        seed + i produces. shown_documents: the documents already in the prompt (dicts; "number" defaults to the
+        position + 1, "shown": False for one trimmed away), so retrieval numbers on after them and never shows
+        one twice. Bad arguments raise ValueError here, before anything runs.
+        """
+        max_tokens = self._check(tokens, num_samples, max_tokens, temperature, top_k, seed)
+        rows = self._rows(tokens, num_samples, shown_documents)
+        return self._stream(tokens, rows, max_tokens, temperature, top_k, seed)
+
+    @torch.inference_mode()
+    def _stream(self, tokens, rows, max_tokens, temperature, top_k, seed):
+        model = self.model
+        device = model.get_device()
+        num_rows = len(rows)
+        rngs = []
+        for i in range(num_rows):
+            g = torch.Generator(device=device)
+            g.manual_seed(seed + i)
+            rngs.append(g)
+
+        # prefill once at batch 1, then replicate the cache to num_rows rows
+        cache = InferenceCache(model, 1, len(tokens) + max_tokens)
+        logits = model(torch.tensor([tokens], dtype=torch.long, device=device), cache=cache)[:, -1, :]
+        if num_rows > 1:
+            cache = cache.replicate(num_rows)
+            logits = logits.expand(num_rows, -1)
+
+        produced = 0
+        while produced < max_tokens:
+            to_sample = [i for i, r in enumerate(rows) if not r.completed and not r.forced]
+            sampled = self._sample(logits, to_sample, rngs, temperature, top_k) if to_sample else {}
+            left = max_tokens - produced - 1
+            chunk = [[] for _ in rows]  # (token, mask) per row for this forward
+            for i, row in enumerate(rows):
+                if row.completed:
+                    chunk[i].append((self.assistant_end, 0))  # filler: the row is done, its state is unused
+                    continue
+                tok, mask = (row.forced.popleft(), 0) if row.forced else (sampled[i], 1)
+                self._take(row, tok, mask, left)
+                chunk[i].append((tok, mask))
+            # chunked forcing: when every unfinished row has forced tokens queued, feed them in this same forward
+            queued = [len(r.forced) for r in rows if not r.completed]
+            extra = min(min(queued), left) if self.force_chunks and queued else 0
+            for _ in range(extra):
+                for i, row in enumerate(rows):
+                    tok = self.assistant_end if row.completed else row.forced.popleft()
+                    if not row.completed:
+                        self._take(row, tok, 0, None)
+                    chunk[i].append((tok, 0))
+            for j in range(1 + extra):
+                yield [c[j][0] for c in chunk], [c[j][1] for c in chunk]
+            produced += 1 + extra
+            if produced >= max_tokens or all(r.completed for r in rows):
+                break
+            ids = torch.tensor([[t for t, _ in c] for c in chunk], dtype=torch.long, device=device)
+            logits = model(ids, cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: returns (results, masks), per row the tokens generated before the terminal token."""
@@ -211,15 +387,102 @@ class Engine:
                 break
         return results, masks
 
-    def generate_from_conversation(self, conversation, max_tokens=256, temperature=0.0, top_k=None, seed=42):
+    def generate_trajectories(self, conversation, num_samples=1, max_tokens=None, temperature=1.0, top_k=None,
+                              seed=42, on_tokens=None):
         """
-        Answer the conversation's last user turn; returns the assistant's text (prompt budget: prepare_prompt).
+        Answer the conversation's last user turn num_samples times (rows from one prefill, each with its own tool
+        state), running the REFRAG loop when the Engine has a retriever. max_tokens (None: what the context leaves)
+        counts every generated token, forced documents included; the prompt is trimmed as in prepare_prompt.
+        on_tokens(token_column, mask_column) is called for every column as it is generated (streaming).
+        Returns one trace per row, a dict:
+          answer         the text with document blocks and query spans removed (what is scored)
+          queries        the queries the row wrote, in order (also those past max_hops)
+          documents      every numbered document, in number order (documents[i]["number"] == i + 1): number, hop
+                         (0 = the prompt's), id, title, content as shown (cut), shown (False: trimmed from the
+                         prompt), plus parent_id/score when known: the citation targets for compute_rag_reward
+          tokens         prompt + generated tokens (forced included) through <|assistant_end|> when written
+          mask           per generated token (tokens[prompt_len:]): 1 sampled by the model, 0 forced
+          prompt_len     len(prompt)
+          num_hops       retrievals run (queries within max_hops)
+          format_errors  [] or codes: unclosed_query, unbalanced_query_tags, hop_cap_exceeded, empty_query,
+                         forged_retrieval (the model wrote a document-block token), no_answer, truncated (no
+                         <|assistant_end|> within max_tokens)
+          finished       the row wrote <|assistant_end|>
+          parts          the assistant message as conversation parts (text / query / documents / python /
+                         python_output): appended to the conversation, render_conversation gives these tokens
+                         back when the model's tokenization is the canonical one and format_errors is empty
+        """
+        prompt, max_tokens, documents = self._prepare(conversation, self.model.config.sequence_len
+                                                      if max_tokens is None else max_tokens)
+        max_tokens = self._check(prompt, num_samples, max_tokens, temperature, top_k, seed)
+        rows = self._rows(prompt, num_samples, documents)
+        for token_column, mask_column in self._stream(prompt, rows, max_tokens, temperature, top_k, seed):
+            if on_tokens is not None:
+                on_tokens(token_column, mask_column)
+        return [self._trace(row, len(prompt)) for row in rows]
+
+    def _trace(self, row, prompt_len):
+        generated = row.tokens[prompt_len:]
+        finished = row.completed
+        body = generated[:-1] if finished else generated
+        errors = list(row.errors)
+        if row.tool == self.query_end:
+            errors.append("unclosed_query")
+        answer = self.decode_answer(body)
+        if not answer:
+            errors.append("no_answer")
+        if not finished:
+            errors.append("truncated")
+        return {"answer": answer, "queries": list(row.queries), "documents": [dict(d) for d in row.documents],
+                "tokens": list(row.tokens), "mask": list(row.mask), "prompt_len": prompt_len,
+                "num_hops": min(len(row.queries), self.max_hops), "format_errors": errors, "finished": finished,
+                "parts": self._parts(body, row.mask[:len(body)], row.blocks)}
+
+    def _parts(self, body, mask, blocks):
+        """The generated tokens as assistant parts; document blocks are the recorded ones (forced, mask 0)."""
+        enc = self.tokenizer.encode_special
+        spans = {self.query_start: (self.query_end, "query"),
+                 enc("<|python_start|>"): (enc("<|python_end|>"), "python"),
+                 enc("<|output_start|>"): (enc("<|output_end|>"), "python_output"),
+                 enc("<|retrieval_start|>"): (enc("<|retrieval_end|>"), "documents")}
+        parts, text, blocks, i = [], [], iter(blocks), 0
+        while i < len(body):
+            t = body[i]
+            kind = spans[t][1] if t in spans else None
+            if kind is None or (kind == "documents" and mask[i]):  # a block token the model wrote itself is text
+                text.append(t)
+                i += 1
+                continue
+            if text:
+                parts.append({"type": "text", "text": self.tokenizer.decode(text)})
+                text = []
+            j = i + 1
+            while j < len(body) and body[j] != spans[t][0]:
+                j += 1
+            parts.append(next(blocks) if kind == "documents" else {"type": kind, "text": self.tokenizer.decode(body[i + 1:j])})
+            i = j + 1
+        if text:
+            parts.append({"type": "text", "text": self.tokenizer.decode(text)})
+        return parts
+
+    def generate_from_conversation(self, conversation, max_tokens=256, temperature=0.0, top_k=None, seed=42,
+                                   return_trace=False):
+        """
+        Answer the conversation's last user turn; returns the assistant's text (document blocks and queries left
+        out), or with return_trace=True the whole trace (see generate_trajectories). Prompt budget: prepare_prompt.
         A question that does not fit even without documents raises tokenizer.ConversationTooLong (a ValueError).
         """
-        prompt, max_tokens = self.prepare_prompt(conversation, max_tokens)
-        results, _ = self.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
-                                         top_k=top_k, seed=seed)
-        return self.decode_answer(results[0])
+        trace = self.generate_trajectories(conversation, 1, max_tokens, temperature, top_k, seed)[0]
+        return trace if return_trace else trace["answer"]
+
+    def _prepare(self, conversation, max_tokens):
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        seq_len = self.model.config.sequence_len
+        reserve = max(1, min(max_tokens, seq_len // 4))
+        prompt, documents = self.tokenizer.render_for_completion(conversation, max_tokens=seq_len - reserve,
+                                                                 doc_chars=self.doc_chars, return_documents=True)
+        return prompt, min(max_tokens, seq_len - len(prompt)), documents
 
     def prepare_prompt(self, conversation, max_tokens):
         """
@@ -228,23 +491,22 @@ class Engine:
         are dropped only to make that room, so a generous max_tokens does not throw away the documents the
         answer needs; beyond it the answer gets whatever the prompt leaves, up to max_tokens.
         """
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        seq_len = self.model.config.sequence_len
-        reserve = max(1, min(max_tokens, seq_len // 4))
-        prompt = self.tokenizer.render_for_completion(conversation, max_tokens=seq_len - reserve)
-        return prompt, min(max_tokens, seq_len - len(prompt))
+        prompt, max_tokens, _ = self._prepare(conversation, max_tokens)
+        return prompt, max_tokens
 
     def decode_answer(self, ids):
-        """Assistant tokens -> text, leaving out forced document blocks (they are context, not the answer)."""
+        """Assistant tokens -> text, leaving out forced document blocks (context) and the model's search queries."""
         enc = self.tokenizer.encode_special
         r_start, r_end = enc("<|retrieval_start|>"), enc("<|retrieval_end|>")
-        kept, inside = [], False
+        kept, skip_to = [], None
         for t in ids:
-            if t == r_start:
-                inside = True
-            elif t == r_end:
-                inside = False
-            elif not inside:
+            if skip_to is not None:
+                if t == skip_to:
+                    skip_to = None
+            elif t == r_start:
+                skip_to = r_end
+            elif t == self.query_start:
+                skip_to = self.query_end
+            elif t not in (r_end, self.query_end):
                 kept.append(t)
         return self.tokenizer.decode(kept).strip()

@@ -1,6 +1,7 @@
 """
 The calculator tool, sandboxed. The model writes <|python_start|>expr<|python_end|>; the Engine calls
-use_calculator(expr) and forces <|output_start|>result<|output_end|> into the row.
+use_calculator(expr) and forces <|output_start|>result<|output_end|> into the row. A refused expression gives a
+short "error: ..." result that is forced the same way, so the model sees that its call failed (issue 15, item 9).
 
 Sandboxing: nothing is passed to eval() or exec(). The expression is parsed with ast and walked by a tiny
 interpreter that knows numbers, + - * / // % **, unary +/-, parentheses, string literals and str.count
@@ -9,6 +10,7 @@ stops anything slow, so a model cannot make the tool hang, allocate without boun
 
     from nanochat.execution import use_calculator
     use_calculator("48/2")   # -> "24"
+    use_calculator("1/0")    # -> "error: division by zero"
 """
 
 import re
@@ -22,6 +24,7 @@ MAX_ABS_EXPONENT = 100
 MAX_RESULT_DIGITS = 100
 MAX_STR_LEN = 1000
 TIMEOUT_S = 0.1
+MAX_ERROR_CHARS = 80  # error texts quote the model's input at most this much (they are forced into its context)
 
 _BINOPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -70,7 +73,11 @@ def _eval(node, deadline):
             raise CalculatorError("exponent too large")
         try:
             return _check_number(_BINOPS[type(node.op)](a, b))
-        except (ZeroDivisionError, OverflowError, ValueError) as e:
+        except ZeroDivisionError:
+            raise CalculatorError("division by zero")
+        except OverflowError:
+            raise CalculatorError("result too large")
+        except ValueError as e:
             raise CalculatorError(str(e))
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
             and len(node.args) == 1 and not node.keywords):
@@ -90,12 +97,23 @@ def format_number(x):
 
 
 def use_calculator(expr, timeout_s=TIMEOUT_S):
-    """Evaluate a calculator expression. Returns the result as a string, or None if it is not allowed."""
+    """
+    Evaluate a calculator expression. Returns the result as a string, or "error: <reason>" when the expression
+    is not allowed or fails (a result is a number or a count, so it never starts with "error:").
+    """
     expr = re.sub(r"(?<=\d),(?=\d{3}\b)", "", expr.strip())  # "1,000" means one thousand
-    if not expr or len(expr) > MAX_EXPR_CHARS:
-        return None
+    if not expr:
+        return "error: empty expression"
+    if len(expr) > MAX_EXPR_CHARS:
+        return f"error: expression longer than {MAX_EXPR_CHARS} characters"
     try:
         tree = ast.parse(expr, mode="eval")
         return format_number(_eval(tree, time.monotonic() + timeout_s))
-    except (SyntaxError, CalculatorError, RecursionError, MemoryError):
-        return None
+    except SyntaxError:
+        return "error: invalid syntax"
+    except RecursionError:
+        return "error: expression nested too deeply"
+    except MemoryError:
+        return "error: out of memory"
+    except CalculatorError as e:
+        return "error: " + str(e)[:MAX_ERROR_CHARS]

@@ -9,6 +9,11 @@ fast inference-time encoding. The vocabulary is: 256 byte tokens, the learned me
     ids = tok.encode("hello world", prepend="<|bos|>")
     ids, mask = tok.render_conversation({"messages": [...]})  # mask 1 only on what the assistant writes
     prompt = tok.render_for_completion({"messages": [...]})   # ends with <|assistant_start|>
+    block = tok.render_documents(docs, first_number=4)        # a retrieval block, as the Engine forces it
+
+Retrieved documents are numbered [1], [2], ... continuously across every retrieval block of a conversation (the
+hop-0 retrieval message, then each documents part of a REFRAG trajectory), each cut to doc_chars characters
+(cut_document) before it is encoded; trimming for the context drops whole documents and never renumbers.
 
 Saved as plain JSON (tokenizer.json: format version, split pattern, base64 token bytes with ranks, special token
 ids), never pickled. The conversation schema and the special tokens are described in shared/DESIGN.md.
@@ -57,6 +62,39 @@ FORMAT_VERSION = 1
 
 class ConversationTooLong(ValueError):
     """The conversation does not fit in max_tokens even after dropping every retrieved document."""
+
+
+# Retrieved documents are cut to DOC_CHARS characters before encoding (cut_document), in training and in the Engine
+# alike. 2000 keeps 99% of the multi-hop Wikipedia passages (median 371 chars) and ~90% of PubMedQA abstracts whole
+# while no document can take more than ~500-700 tokens of the context (../shared/data, measured 2026-12-04).
+DOC_CHARS = 2000
+# A document longer than MAX_CHARS_PER_TOKEN * (the token budget) characters cannot fit in that budget (our BPE
+# averages ~4 chars per token), so it is also cut there before encoding: a 50 MB document costs a slice, not a
+# whole-document BPE pass (issue 15, item 8).
+MAX_CHARS_PER_TOKEN = 8
+# What the Engine writes inside a retrieval block that carries no documents (a documents part's "notice").
+NOTICE_NO_NEW_DOCUMENTS = "No new documents found for this query."
+NOTICE_HOP_CAP = "No more searches allowed: answer from the documents above."
+NOTICE_NO_ROOM = "No room for more documents: answer from the documents above."
+
+
+def cut_document(text, doc_chars=DOC_CHARS):
+    """
+    A document's content as shown to the model: unchanged if it has at most doc_chars characters, else cut at the
+    last space in the window (when that keeps at least half of it) and ended with "...". The result never exceeds
+    doc_chars characters, so cutting twice changes nothing (the Engine cuts, records, and the renderer cuts again).
+    """
+    if isinstance(doc_chars, bool) or not isinstance(doc_chars, int) or doc_chars < 1:
+        raise ValueError(f"doc_chars must be a positive int, got {doc_chars!r}")
+    if len(text) <= doc_chars:
+        return text
+    if doc_chars <= 3:
+        return text[:doc_chars]
+    head = text[:doc_chars - 3]
+    space = head.rfind(" ")
+    if space >= len(head) // 2:
+        head = head[:space]
+    return head.rstrip() + "..."
 
 
 def _ranks_digest(ranks_b64):
@@ -232,14 +270,18 @@ class Tokenizer:
         """The raw bytes of one token (special tokens: their name in UTF-8). Used to fingerprint a vocabulary."""
         return self.enc.decode_single_token_bytes(id)
 
-    def render_documents(self, documents):
+    def render_documents(self, documents, first_number=1, doc_chars=DOC_CHARS, notice=None):
         """
-        Token ids of one retrieval block, exactly as render_conversation writes it: the Engine forces this
-        when the model's <|query_end|> triggers retrieval mid-answer. Empty list -> [].
+        Token ids of one retrieval block, exactly as render_conversation writes a block whose first document has
+        number first_number (numbers run on across all the blocks of a conversation): the Engine forces this when
+        the model's <|query_end|> triggers retrieval mid-answer. notice: text inside the block after the documents
+        (the Engine's NOTICE_* when there is nothing to show). No documents and no notice -> [].
         """
+        if isinstance(first_number, bool) or not isinstance(first_number, int) or first_number < 1:
+            raise ValueError(f"first_number must be a positive int, got {first_number!r}")
         segments = []
-        self._doc_block(documents, "documents", 0, segments)
-        return [t for ids, _, _, _ in segments for t in ids]
+        self._doc_block(documents, "documents", 0, segments, first_number, doc_chars, notice)
+        return [t for seg in segments for t in seg[0]]
 
     def encode_special(self, name):
         if name not in self._special:
@@ -296,17 +338,25 @@ class Tokenizer:
 
     # ---- conversations
 
-    def _doc_block(self, documents, where, block_idx, segments):
+    def _doc_block(self, documents, where, block_idx, segments, first_number, doc_chars, notice=None, records=None):
         """
-        Append the segments of one retrieval block. Each segment is (ids, mask, block, rank): rank is the 1-based
-        document number for document segments, None for the block's start/end tokens. An empty list renders
-        nothing (no empty block), the same as a block whose documents were all trimmed away.
+        Append the segments of one retrieval block whose documents are numbered first_number, first_number + 1, ...
+        Each segment is (ids, mask, block, rank): rank is the document's 1-based place in its block (it orders the
+        trimming in _fit), 0 for the block's notice, None for its start/end tokens. Each content is cut with
+        cut_document before it is encoded. No documents and no notice renders nothing (no empty block), the same as
+        a block whose documents were all trimmed away. records (a list, optional) gets (block, rank, document as
+        shown: number, id, title, content, plus parent_id/score when given). Returns the number of documents.
         """
         sp = self._sp
+        if sp is None:
+            raise ValueError(f"encoding {self.enc.name!r} lacks the chat special tokens: "
+                             f"use a nanochat-rag tokenizer to render documents")
         if not isinstance(documents, list):
             raise ValueError(f"{where}: \"documents\" must be a list, got {type(documents).__name__}")
-        if not documents:
-            return
+        if notice is not None and not isinstance(notice, str):
+            raise ValueError(f"{where}: \"notice\" must be a str, got {type(notice).__name__}")
+        if not documents and not notice:
+            return 0
         segments.append(([sp["retrieval_start"]], 0, block_idx, None))
         for rank, doc in enumerate(documents, start=1):
             if not isinstance(doc, dict) or not isinstance(doc.get("content"), str):
@@ -315,14 +365,26 @@ class Tokenizer:
             title = doc.get("title")
             if title is not None and not isinstance(title, str):
                 raise ValueError(f"{where}, document {rank - 1}: \"title\" must be a str, got {title!r}")
-            text = f"[{rank}] Title: {title}\nContent: {doc['content']}" if title else \
-                f"[{rank}] Content: {doc['content']}"
+            number = first_number + rank - 1
+            content = cut_document(doc["content"], doc_chars)
+            text = f"[{number}] Title: {title}\nContent: {content}" if title else f"[{number}] Content: {content}"
             ids = [sp["doc_start"]] + self.enc.encode_ordinary(text) + [sp["doc_end"]]
             segments.append((ids, 0, block_idx, rank))
+            if records is not None:
+                shown = {"number": number, "id": doc.get("id"), "title": title or "", "content": content}
+                shown.update({k: doc[k] for k in ("parent_id", "score") if doc.get(k) is not None})
+                records.append((block_idx, rank, shown))
+        if notice:
+            segments.append((self.enc.encode_ordinary(notice), 0, block_idx, 0))
         segments.append(([sp["retrieval_end"]], 0, block_idx, None))
+        return len(documents)
 
-    def _segments(self, messages):
-        """Validate the messages and encode each piece once: a list of (ids, mask, block, rank) segments."""
+    def _segments(self, messages, doc_chars, records=None):
+        """
+        Validate the messages and encode each piece once: a list of (ids, mask, block, rank) segments. Documents
+        are numbered continuously across all the retrieval blocks of the conversation, in order of appearance
+        (retrieval messages and the assistant's documents parts alike), and cut to doc_chars characters.
+        """
         sp = self._sp
         if sp is None:
             raise ValueError(f"encoding {self.enc.name!r} lacks the chat special tokens: "
@@ -344,7 +406,7 @@ class Tokenizer:
         system, start = None, 0
         if messages[0].get("role") == "system":
             system, start = text_of(0, messages[0]), 1
-        expect, n_blocks, seen_user = "user", 0, False
+        expect, n_blocks, seen_user, number = "user", 0, False, 1
         for i in range(start, len(messages)):
             m = messages[i]
             role = m.get("role")
@@ -358,7 +420,8 @@ class Tokenizer:
                         f"message {j} with role {messages[j].get('role')!r}"
                     raise ValueError(f"message {i} (role 'retrieval') must come before a user turn "
                                      f"(it is followed by {nxt}, while a {expect} turn is expected)")
-                self._doc_block(m.get("documents"), f"message {i} (role 'retrieval')", n_blocks, segments)
+                number += self._doc_block(m.get("documents"), f"message {i} (role 'retrieval')", n_blocks, segments,
+                                          number, doc_chars, m.get("notice"), records)
                 n_blocks += 1
             elif role == "user":
                 if expect != "user":
@@ -382,7 +445,8 @@ class Tokenizer:
                         where = f"message {i} (role 'assistant'), part {k}"
                         ptype = part.get("type") if isinstance(part, dict) else None
                         if ptype == "documents":
-                            self._doc_block(part.get("documents"), where, n_blocks, segments)
+                            number += self._doc_block(part.get("documents"), where, n_blocks, segments, number,
+                                                      doc_chars, part.get("notice"), records)
                             n_blocks += 1
                             continue
                         if ptype not in ("text", "python", "python_output", "query"):
@@ -416,17 +480,17 @@ class Tokenizer:
     def _fit(self, segments, max_tokens):
         """
         Drop retrieved documents until the total fits in max_tokens. Order: the lowest-ranked first across the
-        whole conversation, i.e. the highest document number first, and among equal numbers the later block
-        first (so with blocks A and B of 3 docs: B3, A3, B2, A2, B1, A1). Only the tail of a block is ever
-        dropped, so the remaining documents keep their numbers [1]..[m] and citations to them stay valid. A block
-        that loses all its documents disappears with its start/end tokens. Nothing else is ever cut.
+        whole conversation, i.e. the last place in its block first, and among equal places the later block first
+        (so with blocks A and B of 3 docs: B3, A3, B2, A2, B1, A1). Numbers were written before trimming, so a
+        dropped document leaves its number unused and every other document keeps its number: citations to them stay
+        valid. A block that loses all its documents disappears with its start/end tokens, unless it carries a
+        notice. Nothing else is ever cut.
         """
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         total = sum(len(s[0]) for s in segments)
         if total <= max_tokens:
             return segments
-        docs = [(s[3], s[2], len(s[0])) for s in segments if s[3] is not None]
+        noticed = {s[2] for s in segments if s[3] == 0}
+        docs = [(s[3], s[2], len(s[0])) for s in segments if s[3]]
         docs.sort(key=lambda d: (-d[0], -d[1]))
         left = {}
         for rank, block, _ in docs:
@@ -439,7 +503,7 @@ class Tokenizer:
             dropped.add((block, rank))
             length -= n
             left[block] -= 1
-            if left[block] == 0:
+            if left[block] == 0 and block not in noticed:
                 dropped.add((block, None))
                 length -= 2  # <|retrieval_start|> and <|retrieval_end|>
         if length > max_tokens:
@@ -447,28 +511,34 @@ class Tokenizer:
                                       f"({total} with them), more than max_tokens={max_tokens}")
         return [s for s in segments if s[2] is None or (s[2], s[3]) not in dropped]
 
-    def render_conversation(self, conversation, max_tokens=2048):
+    def render_conversation(self, conversation, max_tokens=2048, doc_chars=DOC_CHARS):
         """
         Conversation dict -> (ids, mask), both lists of length <= max_tokens. mask is 1 exactly on the tokens the
         assistant writes (its text, python calls, queries and <|assistant_end|>); 0 on bos, user turns,
         <|assistant_start|>, tool outputs and retrieved documents. Too long -> documents are dropped (see _fit);
         still too long -> ConversationTooLong. Messages: an optional system message first (merged into the first
         user turn as system + "\\n\\n" + user), retrieval messages just before the user turn they support, and
-        user/assistant alternating from a user turn.
+        user/assistant alternating from a user turn. Documents are numbered [1], [2], ... continuously across all
+        retrieval blocks and cut to doc_chars characters (cut_document; also to MAX_CHARS_PER_TOKEN * max_tokens,
+        which only a document that could not fit anyway reaches), so a huge document is never encoded whole.
         """
         if not isinstance(conversation, dict) or "messages" not in conversation:
             raise ValueError("render_conversation expects a dict with a \"messages\" list")
-        segments = self._fit(self._segments(conversation["messages"]), max_tokens)
+        doc_chars = self._doc_chars(doc_chars, max_tokens, 1)
+        segments = self._fit(self._segments(conversation["messages"], doc_chars), max_tokens)
         ids, mask = [], []
         for seg_ids, m, _, _ in segments:
             ids.extend(seg_ids)
             mask.extend([m] * len(seg_ids))
         return ids, mask
 
-    def render_for_completion(self, conversation, max_tokens=2048):
+    def render_for_completion(self, conversation, max_tokens=2048, doc_chars=DOC_CHARS, return_documents=False):
         """
         Prompt ids for generation/eval: the conversation without its final assistant message (if any), rendered
         and trimmed like render_conversation, then <|assistant_start|>. The total is <= max_tokens.
+        return_documents=True returns (ids, documents): every numbered document of the prompt in number order
+        (documents[i]["number"] == i + 1), as shown (number, id, title, cut content, parent_id/score when given),
+        with "shown": False for those trimmed away. The Engine continues the numbering and the dedupe from it.
         """
         if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
             raise ValueError("render_for_completion expects a dict with a \"messages\" list")
@@ -479,12 +549,24 @@ class Tokenizer:
             last = messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
             raise ValueError(f"render_for_completion needs the conversation to end with a user message (after "
                              f"dropping a final assistant message); it ends with role {last!r}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
-            raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
-        segments = self._fit(self._segments(messages), max_tokens - 1)
+        doc_chars = self._doc_chars(doc_chars, max_tokens, 2)
+        records = []
+        segments = self._fit(self._segments(messages, doc_chars, records), max_tokens - 1)
         ids = [t for seg in segments for t in seg[0]]
         ids.append(self.encode_special("<|assistant_start|>"))
-        return ids
+        if not return_documents:
+            return ids
+        kept = {(s[2], s[3]) for s in segments if s[3]}
+        return ids, [dict(doc, shown=(block, rank) in kept) for block, rank, doc in records]
+
+    @staticmethod
+    def _doc_chars(doc_chars, max_tokens, least):
+        """Validate max_tokens (>= least) and doc_chars; the character cap applied before encoding a document."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least:
+            raise ValueError(f"max_tokens must be an int >= {least}, got {max_tokens!r}")
+        if isinstance(doc_chars, bool) or not isinstance(doc_chars, int) or doc_chars < 1:
+            raise ValueError(f"doc_chars must be a positive int, got {doc_chars!r}")
+        return min(doc_chars, MAX_CHARS_PER_TOKEN * max_tokens)
 
     def visualize_tokenization(self, ids, mask=None, color=True):
         """A debug string: tokens separated by '|', green where mask is 1, red where 0 (ANSI colors)."""

@@ -19,7 +19,7 @@ import pydoc_data.topics
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from nanochat.tokenizer import (Tokenizer, ConversationTooLong, SPECIAL_TOKENS, SPLIT_PATTERN, get_tokenizer,
-                                get_token_bytes)
+                                get_token_bytes, cut_document, DOC_CHARS, MAX_CHARS_PER_TOKEN, NOTICE_HOP_CAP)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TEXTS = list(pydoc_data.topics.topics.values())
@@ -256,9 +256,9 @@ def masked_in(tok, ids, mask):
     return tok.decode([i for i, m in zip(ids, mask) if m])
 
 
-def block(docs):
+def block(docs, first=1):
     inner = "".join(f"<|doc_start|>[{i}] " + (f"Title: {d['title']}\n" if d.get("title") else "")
-                    + f"Content: {d['content']}<|doc_end|>" for i, d in enumerate(docs, 1))
+                    + f"Content: {d['content']}<|doc_end|>" for i, d in enumerate(docs, first))
     return f"<|retrieval_start|>{inner}<|retrieval_end|>" if docs else ""
 
 
@@ -345,34 +345,54 @@ def test_render_empty_documents_renders_nothing(tok):
 
 
 def trim_conv(docs_a, docs_b):
+    # numbering runs on across the conversation: block B's documents are [4]..[6]
     return {"messages": [{"role": "retrieval", "documents": docs_a}, {"role": "user", "content": "First?"},
                          {"role": "assistant", "content": "Paris [1]."},
                          {"role": "retrieval", "documents": docs_b}, {"role": "user", "content": "Second?"},
-                         {"role": "assistant", "content": "Rome [1], not Milan [2]."}]}
+                         {"role": "assistant", "content": "Rome [4], not Milan [5]."}]}
 
 
-def test_trimming_order(tok):
+def trimmed_ids(tok, na, nb):
+    """The ids of trim_conv(DOCS_A, DOCS_B) with only the first na / nb documents of each block kept, written out
+    by hand: the kept documents keep the numbers they had (A from [1], B from [4])."""
+    sp = tok.get_special_tokens()
+    ids, mask = [sp["<|bos|>"]] + tok.render_documents(DOCS_A[:na], 1), []
+    ids += [sp["<|user_start|>"]] + tok.encode("First?") + [sp["<|user_end|>"], sp["<|assistant_start|>"]]
+    mask = [0] * len(ids) + [1] * (len(tok.encode("Paris [1].")) + 1)
+    ids += tok.encode("Paris [1].") + [sp["<|assistant_end|>"]]
+    rest = tok.render_documents(DOCS_B[:nb], 4) + [sp["<|user_start|>"]] + tok.encode("Second?") + \
+        [sp["<|user_end|>"], sp["<|assistant_start|>"]]
+    answer = tok.encode("Rome [4], not Milan [5].") + [sp["<|assistant_end|>"]]
+    return ids + rest + answer, mask + [0] * len(rest) + [1] * len(answer)
+
+
+def test_trimming_order_keeps_numbers(tok):
     full_ids, full_mask = tok.render_conversation(trim_conv(DOCS_A, DOCS_B), max_tokens=10_000)
-    assert len(full_ids) <= 2048
+    assert (full_ids, full_mask) == trimmed_ids(tok, 3, 3)
+    assert "[4] Title: Rome" in tok.decode(full_ids) and "[1] Title: Rome" not in tok.decode(full_ids)
     assert tok.render_conversation(trim_conv(DOCS_A, DOCS_B), max_tokens=len(full_ids)) == (full_ids, full_mask)
-    # documented drop order: B3, A3, B2, A2, B1, A1 (lowest rank first, later block first among equals)
+    # documented drop order: B3, A3, B2, A2, B1, A1 (last place in a block first, later block first among equals);
+    # a dropped document leaves its number unused: Rome stays [4] and Milan [5] whatever A loses
     stages = [(3, 2), (2, 2), (2, 1), (1, 1), (1, 0), (0, 0)]
     prev_len = len(full_ids)
     for na, nb in stages:
-        expected = tok.render_conversation(trim_conv(DOCS_A[:na], DOCS_B[:nb]), max_tokens=10_000)
+        expected = trimmed_ids(tok, na, nb)
         n = len(expected[0])
-        assert n < prev_len
-        # the exact budget of this stage keeps exactly these documents; one token less drops the next one
+        assert n < prev_len - 1  # every stage drops a whole document, so one token less than before is this stage
+        # the exact budget of this stage keeps exactly these documents; one token less than the previous stage
+        # already drops down to it
         assert tok.render_conversation(trim_conv(DOCS_A, DOCS_B), max_tokens=n) == expected
-        if prev_len - 1 > n:
-            assert tok.render_conversation(trim_conv(DOCS_A, DOCS_B), max_tokens=prev_len - 1) == expected
+        assert tok.render_conversation(trim_conv(DOCS_A, DOCS_B), max_tokens=prev_len - 1) == expected
         # the answers are never cut
-        assert masked_in(tok, *expected) == "Paris [1].<|assistant_end|>Rome [1], not Milan [2].<|assistant_end|>"
+        assert masked_in(tok, *expected) == "Paris [1].<|assistant_end|>Rome [4], not Milan [5].<|assistant_end|>"
         prev_len = n
+    # with every document gone no empty block is left behind: no retrieval token at all
+    assert not {tok.encode_special("<|retrieval_start|>"), tok.encode_special("<|retrieval_end|>")} & set(expected[0])
     with pytest.raises(ConversationTooLong) as e:
         tok.render_conversation(trim_conv(DOCS_A, DOCS_B), max_tokens=prev_len - 1)
-    assert f"{prev_len} tokens" in str(e.value) and f"max_tokens={prev_len - 1}" in str(e.value)
-    assert isinstance(e.value, ValueError)
+    # the message gives the length without and with the documents, and the budget
+    assert f"is {prev_len} tokens" in str(e.value) and f"({len(full_ids)} with them)" in str(e.value)
+    assert f"max_tokens={prev_len - 1}" in str(e.value)
 
 
 def test_too_long_without_documents(tok):
@@ -409,6 +429,119 @@ def test_render_errors(tok, messages, match):
 
 # -----------------------------------------------------------------------------
 # render_for_completion and visualization
+
+
+# -----------------------------------------------------------------------------
+# REFRAG trajectories: continuous numbering, masks, document caps
+
+
+def refrag_conv(tok):
+    return {"messages": [{"role": "retrieval", "documents": DOCS_A}, {"role": "user", "content": "Capital of Italy?"},
+                         {"role": "assistant", "content": [
+                             {"type": "query", "text": "capital of Italy"},
+                             {"type": "documents", "documents": DOCS_B[:2]},
+                             {"type": "query", "text": "Italy capital city"},
+                             {"type": "documents", "documents": [], "notice": NOTICE_HOP_CAP},
+                             {"type": "text", "text": "Rome [4]."}]}]}
+
+
+def test_refrag_trajectory_numbering_and_mask(tok):
+    ids, mask = tok.render_conversation(refrag_conv(tok))
+    text = tok.decode(ids)
+    assert text == ("<|bos|>" + block(DOCS_A) + "<|user_start|>Capital of Italy?<|user_end|><|assistant_start|>"
+                    "<|query_start|>capital of Italy<|query_end|>" + block(DOCS_B[:2], first=4)
+                    + "<|query_start|>Italy capital city<|query_end|><|retrieval_start|>" + NOTICE_HOP_CAP
+                    + "<|retrieval_end|>Rome [4].<|assistant_end|>")
+    # mask 0 on every token of every retrieval block (delimiters, documents, the notice), 1 on the model's own
+    # tokens after <|assistant_start|> (queries with their tags, the answer, <|assistant_end|>), 0 before
+    sp = tok.get_special_tokens()
+    want, inside = [], False
+    a_start = ids.index(sp["<|assistant_start|>"])
+    for k, t in enumerate(ids):
+        if t == sp["<|retrieval_start|>"]:
+            inside = True
+        want.append(0 if inside or k <= a_start else 1)
+        if t == sp["<|retrieval_end|>"]:
+            inside = False
+    assert mask == want
+    assert masked_in(tok, ids, mask) == ("<|query_start|>capital of Italy<|query_end|><|query_start|>Italy capital "
+                                         "city<|query_end|>Rome [4].<|assistant_end|>")
+    # the Engine forces render_documents(docs, first_number): the very ids the renderer writes for that block
+    forced = tok.render_documents(DOCS_B[:2], first_number=4)
+    starts = [k for k, t in enumerate(ids) if t == sp["<|retrieval_start|>"]]
+    assert ids[starts[1]:starts[1] + len(forced)] == forced
+    notice = tok.render_documents([], 6, notice=NOTICE_HOP_CAP)
+    assert notice == ids[starts[2]:starts[2] + len(notice)] and notice[-1] == sp["<|retrieval_end|>"]
+    assert tok.render_documents([]) == []
+    with pytest.raises(ValueError, match="first_number"):
+        tok.render_documents(DOCS_B, first_number=0)
+
+
+def test_render_for_completion_documents(tok):
+    conv = refrag_conv(tok)
+    conv["messages"] = conv["messages"][:2]  # hop-0 documents and the question
+    ids, docs = tok.render_for_completion(conv, return_documents=True)
+    assert ids == tok.render_for_completion(conv)
+    assert [(d["number"], d["id"], d["shown"]) for d in docs] == [(1, "d1", True), (2, "d2", True), (3, "d3", True)]
+    assert docs[0]["title"] == "Paris" and docs[0]["score"] == 3.2 and docs[2]["title"] == ""
+    # trimmed documents stay in the list (their numbers are taken) with shown False
+    n = len(ids) - len(tok.render_documents(DOCS_A[2:], 3)) + 2
+    ids2, docs2 = tok.render_for_completion(conv, max_tokens=n, return_documents=True)
+    assert len(ids2) <= n and [d["shown"] for d in docs2] == [True, True, False]
+
+
+def test_cut_document():
+    text = "word " * 1000
+    for cap in (1, 3, 4, 10, 57, 100, DOC_CHARS):
+        cut = cut_document(text, cap)
+        assert len(cut) <= cap and cut_document(cut, cap) == cut  # never longer than the cap; cutting twice is a no-op
+    assert cut_document("short", 10) == "short"
+    assert cut_document("alpha beta gamma delta", 15) == "alpha beta..."  # at a space when that keeps half
+    assert cut_document("x" * 30, 10) == "xxxxxxx..."
+    with pytest.raises(ValueError, match="doc_chars"):
+        cut_document("x", 0)
+
+
+def test_documents_are_cut_before_encoding(tok, monkeypatch):
+    # a 5 MB document must not be BPE-encoded whole (issue 15, item 8): contents are cut to doc_chars, and to
+    # MAX_CHARS_PER_TOKEN * max_tokens characters, before they reach the encoder
+    lengths = []
+    real = tok.enc
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode_ordinary(self, text):
+            lengths.append(len(text))
+            return real.encode_ordinary(text)
+
+    monkeypatch.setattr(tok, "enc", Spy())
+    huge = {"id": "big", "title": "Big", "content": "all work and no play " * 250_000}
+    conv = {"messages": [{"role": "retrieval", "documents": [huge, DOCS_A[0]]}, {"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "a"}]}
+    ids, _ = tok.render_conversation(conv)
+    assert max(lengths) <= DOC_CHARS + 40  # the cut content plus "[1] Title: Big\nContent: "
+    assert "all work and no play" in tok.decode(ids) and "[2] Title: Paris" in tok.decode(ids)
+    lengths.clear()
+    ids, _ = tok.render_conversation(conv, max_tokens=300, doc_chars=10**9)  # no useful cap: the budget bounds it
+    assert max(lengths) <= MAX_CHARS_PER_TOKEN * 300 + 40
+    assert "all work" not in tok.decode(ids)  # and it is then dropped whole, not cut in tokens
+    lengths.clear()
+    tok.render_documents([huge], doc_chars=50)
+    assert max(lengths) <= 50 + 40
+    with pytest.raises(ValueError, match="doc_chars"):
+        tok.render_conversation(conv, doc_chars=0)
+
+
+def test_notice_block_survives_trimming(tok):
+    conv = refrag_conv(tok)
+    full, _ = tok.render_conversation(conv, max_tokens=10_000)
+    no_docs = {"messages": [conv["messages"][1], dict(conv["messages"][2], content=[
+        p if p["type"] != "documents" else dict(p, documents=[]) for p in conv["messages"][2]["content"]])]}
+    bare, _ = tok.render_conversation(no_docs, max_tokens=10_000)
+    ids, _ = tok.render_conversation(conv, max_tokens=len(bare))
+    assert ids == bare and NOTICE_HOP_CAP in tok.decode(ids)  # the documents went, the notice block stayed
 
 
 def test_render_for_completion(tok):
