@@ -2,10 +2,16 @@
 # speedrun_rag.sh: from a fresh clone to a model that answers from its own knowledge base, with a report.
 #
 #   bash speedrun_rag.sh                 # picks the CPU or GPU recipe from the hardware
-#   FORCE=1 bash speedrun_rag.sh         # redo every stage (default: a stage whose artefact exists is skipped)
+#   FORCE=1 bash speedrun_rag.sh         # redo every stage (default: a stage done with the same command is skipped)
 #
 # Stages: venv -> built-in data -> tokenizer -> base model -> SFT -> KB -> RAG fine-tune -> RAG eval
 #         -> one-shot question with citations -> report.md
+#
+# A stage is done when its completion record, $NANOCHAT_BASE_DIR/report/stages/<stage>.done, exists and matches. The
+# record is written after the stage's command has exited with success (so a stage killed in the middle, even while
+# saving its checkpoint, has none) and holds the command line and the record id of the stage before it: a stage
+# whose command changed, or that follows a stage that was redone, runs again. A training stage that runs again
+# replaces its checkpoints (--overwrite). `python -m nanochat.report reset` (or FORCE=1) starts everything afresh.
 #
 # No GPU: a small but real CPU configuration on the built-in offline corpus and KB, made from the Python
 # standard library's own documentation (minutes to ~20 minutes on 2 cores). GPUs: the full recipe under
@@ -40,6 +46,39 @@ export PYTHONUNBUFFERED=1
 FORCE=${FORCE:-0}
 mkdir -p "$NANOCHAT_BASE_DIR"
 LOG="$NANOCHAT_BASE_DIR/speedrun.log"
+STAGE_DIR="$NANOCHAT_BASE_DIR/report/stages"
+PREV_STAGE=none  # the record id of the last stage run or skipped: a redone stage makes every later one run again
+
+# stage NAME CMD...: run CMD unless NAME's completion record matches (see the header); stop at the first failure,
+# naming it. The record: "id: ...", "seconds: ...", then the two lines compared, "after: <id>" and "command: ...".
+stage() {
+    local name=$1
+    shift
+    local record="$STAGE_DIR/$name.done" config id t0 seconds
+    config="after: $PREV_STAGE
+command: $(printf '%q ' "$@")"
+    if [ "$FORCE" != "1" ] && [ -f "$record" ] && [ "$(tail -n +3 "$record")" = "$config" ]; then
+        PREV_STAGE=$(sed -n 's/^id: //p' "$record")
+        echo "== [$name] skipped: done with this command ($record; FORCE=1 to redo)"
+        return 0
+    fi
+    rm -f "$record"  # not done until the command below succeeds, whatever an earlier run recorded
+    echo "== [$name] $*"
+    t0=$SECONDS
+    if ! "$@" 2>&1 | tee -a "$LOG"; then
+        echo "!! speedrun failed at stage [$name] (command: $*); see $LOG" >&2
+        exit 1
+    fi
+    seconds=$((SECONDS - t0))
+    echo "== [$name] done in $seconds s"
+    id="$name $(date +%Y-%m-%dT%H:%M:%S) $$.$RANDOM"
+    mkdir -p "$STAGE_DIR"
+    printf 'id: %s\nseconds: %s\n%s\n' "$id" "$seconds" "$config" > "$record.tmp"
+    mv "$record.tmp" "$record"  # written last, in one rename
+    PREV_STAGE=$id
+}
+# sourced (tests/test_speedrun.py): only the stage function, nothing runs
+if [ "${BASH_SOURCE[0]:-$0}" != "$0" ]; then return 0; fi
 
 # -----------------------------------------------------------------------------
 # environment: .venv with torch first (the CPU build where there is no NVIDIA GPU), then the project
@@ -110,25 +149,6 @@ KB_DIR="$BUILTIN/kb"
 QUESTION=${QUESTION:-}
 echo "== nanochat-rag speedrun: $([ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s), $NPROC processes" || echo "CPU") | depth $DEPTH | pattern $BLOCK_PATTERN | base dir $NANOCHAT_BASE_DIR"
 
-# stage NAME ARTEFACT CMD...: run CMD unless ARTEFACT exists (FORCE=1 redoes); stop at the first failure, naming it
-stage() {
-    local name=$1 artefact=$2
-    shift 2
-    if [ "$FORCE" != "1" ] && [ -e "$artefact" ]; then
-        echo "== [$name] skipped: $artefact exists (FORCE=1 to redo)"
-        return 0
-    fi
-    echo "== [$name] $*"
-    local t0=$SECONDS
-    if ! "$@" 2>&1 | tee -a "$LOG"; then
-        echo "!! speedrun failed at stage [$name] (command: $*); see $LOG" >&2
-        exit 1
-    fi
-    echo "== [$name] done in $((SECONDS - t0)) s"
-    python -m nanochat.report time "$name" "$((SECONDS - t0))"
-}
-set -o pipefail
-
 if [ "$FORCE" = "1" ] || [ ! -e "$NANOCHAT_BASE_DIR/report/system.json" ]; then
     python -m nanochat.report reset
 fi
@@ -136,43 +156,42 @@ fi
 # -----------------------------------------------------------------------------
 # data
 if [ "$NGPU" -gt 0 ]; then
-    stage download "$DATA_DIR/.complete_$NUM_SHARDS" bash -c "python -m nanochat.dataset -n $NUM_SHARDS && touch $DATA_DIR/.complete_$NUM_SHARDS"
+    stage download python -m nanochat.dataset -n "$NUM_SHARDS"
 else
-    stage corpus "$DATA_DIR/manifest.json" python -m tasks.builtin_corpus $CORPUS_FLAGS --output "$DATA_DIR"
+    stage corpus python -m tasks.builtin_corpus $CORPUS_FLAGS --output "$DATA_DIR"
 fi
 # the built-in KB documents and QA pairs (train modules / held-out eval modules) are used on GPU too
-stage stdlib-qa "$BUILTIN/manifest.json" python -m tasks.stdlib_qa --output "$BUILTIN" --doc-chars "$DOC_CHARS" ${TINY_CAPS:-}
+stage stdlib-qa python -m tasks.stdlib_qa --output "$BUILTIN" --doc-chars "$DOC_CHARS" ${TINY_CAPS:-}
 
 # -----------------------------------------------------------------------------
 # tokenizer
-stage tok_train "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json" \
-    python -m scripts.tok_train --vocab-size "$VOCAB_SIZE" --max-chars "$TOK_MAX_CHARS" --data-dir "$DATA_DIR"
-stage tok_eval "$NANOCHAT_BASE_DIR/report/tok_eval.md" python -m scripts.tok_eval --data-dir "$DATA_DIR"
+stage tok_train python -m scripts.tok_train --vocab-size "$VOCAB_SIZE" --max-chars "$TOK_MAX_CHARS" --data-dir "$DATA_DIR"
+stage tok_eval python -m scripts.tok_eval --data-dir "$DATA_DIR"
 
 # -----------------------------------------------------------------------------
 # base model
-stage base_train "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG" $RUN scripts.base_train \
+stage base_train $RUN scripts.base_train \
     --depth "$DEPTH" --block-pattern "$BLOCK_PATTERN" --aspect-ratio "$ASPECT_RATIO" --head-dim "$HEAD_DIM" \
     --max-seq-len "$MAX_SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" --total-batch-size "$TOTAL_BATCH_SIZE" \
     --num-iterations "$BASE_ITERS" --mamba-d-state "$MAMBA_D_STATE" --mamba-headdim "$MAMBA_HEADDIM" \
     --mamba-chunk-size "$MAMBA_CHUNK" --data-dir "$DATA_DIR" --eval-every "$EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" \
-    --sample-every -1 --model-tag "$TAG"
+    --sample-every -1 --model-tag "$TAG" --overwrite
 
 # -----------------------------------------------------------------------------
 # supervised fine-tuning
-stage chat_sft "$NANOCHAT_BASE_DIR/sft_checkpoints/$TAG" $RUN scripts.chat_sft \
+stage chat_sft $RUN scripts.chat_sft \
     --source base --model-tag "$TAG" --data "$SFT_DATA" --num-epochs "$SFT_EPOCHS" --device-batch-size "$SFT_BATCH" \
-    --max-seq-len "$SFT_SEQ" --eval-every "$EVAL_EVERY" --init-lr-frac "$LR_FRAC"
+    --max-seq-len "$SFT_SEQ" --eval-every "$EVAL_EVERY" --init-lr-frac "$LR_FRAC" --overwrite
 
 # -----------------------------------------------------------------------------
 # knowledge base + RAG fine-tuning + evaluation
 KB_SOURCE=${KB_DOCS:-$BUILTIN/kb_documents.jsonl}
-stage kb_build "$KB_DIR/kb.json" python -m nanochat.retrieval --documents "$KB_SOURCE" --output "$KB_DIR" --type "$RETRIEVER"
-stage rag_finetune "$NANOCHAT_BASE_DIR/rag_checkpoints/$TAG" $RUN scripts.rag_finetune \
+stage kb_build python -m nanochat.retrieval --documents "$KB_SOURCE" --output "$KB_DIR" --type "$RETRIEVER" --report
+stage rag_finetune $RUN scripts.rag_finetune \
     --source sft --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" --num-epochs "$RAG_EPOCHS" \
     --device-batch-size "$SFT_BATCH" --eval-every "$EVAL_EVERY" --block-pattern "$BLOCK_PATTERN" \
-    --init-lr-frac "$LR_FRAC" $RAG_FLAGS
-stage rag_eval "$NANOCHAT_BASE_DIR/report/rag_eval.json" $RUN scripts.rag_eval \
+    --init-lr-frac "$LR_FRAC" --overwrite $RAG_FLAGS
+stage rag_eval $RUN scripts.rag_eval \
     --source rag --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" --max-examples "$EVAL_EXAMPLES"
 
 # -----------------------------------------------------------------------------

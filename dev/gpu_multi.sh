@@ -3,6 +3,8 @@
 # Run from the repo root on the GPU host with .whl (rustbpe, bm25s wheels) and .carry/mamba (mamba_ssm source)
 # carried; writes everything under $OUT (one tarball of logs + a summary). CPU dry run (tiny sizes, gloo):
 #   SMALL=1 OUT=/tmp/gpu_dry bash dev/gpu_multi.sh
+# Every training step writes under its own tag with --overwrite, so a call on a machine that is still warm replaces
+# the previous call's checkpoints instead of leaving a higher step of them for the next stage to load.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 LOGS=$(mktemp -d); S=$OUT/summary.txt
@@ -34,17 +36,17 @@ step() { local name=$1; shift; local t0=$SECONDS;
 
 step data bash -c "python3 -m tasks.builtin_corpus --output $B/corpus && python3 -m tasks.stdlib_qa --output $B --doc-chars 600 && python3 -m scripts.tok_train --vocab-size $VOCAB --data-dir $B/corpus && python3 -m nanochat.retrieval --documents $B/kb_documents.jsonl --output $B/kb --type bm25"
 COMMON="$MODEL --max-seq-len $SEQ --device-batch-size $DBS --total-batch-size $TBS --num-iterations $ITERS --data-dir $B/corpus --eval-every 20 --eval-tokens $((DBS * SEQ * 8)) --sample-every -1 --compile $COMPILE --log-every 5"
-step base_np $TR scripts.base_train $COMMON --model-tag multi
-step base_1 one scripts.base_train $COMMON --model-tag single
+step base_np $TR scripts.base_train $COMMON --model-tag multi --overwrite
+step base_1 one scripts.base_train $COMMON --model-tag single --overwrite
 SFT="--num-epochs 2 --device-batch-size $DBS --max-seq-len $SFT_SEQ --eval-every 10 --eval-steps 4 --compile $COMPILE --log-every 5"
-step sft_np $TR scripts.chat_sft --source base --model-tag multi --data builtin $SFT
+step sft_np $TR scripts.chat_sft --source base --model-tag multi --output-tag multi_sft --overwrite --data builtin $SFT
 RAG="--knowledge-base $B/kb --top-k 3 --num-epochs 0.5 --device-batch-size $DBS --max-seq-len $RAG_SEQ --eval-every 50 --eval-steps 4 --compile $COMPILE --log-every 10"
-step rag_np $TR scripts.rag_finetune --source sft --model-tag multi $RAG
-step rag_1 one scripts.rag_finetune --source sft --model-tag multi --output-tag single_rag $RAG
-step sft_1_same_tokens one scripts.chat_sft --source sft --model-tag multi --output-tag sft_ref --data builtin --num-iterations 30 \
+step rag_np $TR scripts.rag_finetune --source sft --model-tag multi_sft --output-tag multi_rag --overwrite $RAG
+step rag_1 one scripts.rag_finetune --source sft --model-tag multi_sft --output-tag single_rag --overwrite $RAG
+step sft_1_same_tokens one scripts.chat_sft --source sft --model-tag multi_sft --output-tag sft_ref --overwrite --data builtin --num-iterations 30 \
     --device-batch-size $DBS --max-seq-len $RAG_SEQ --eval-every 100 --compile $COMPILE --log-every 10
 # a checkpoint written by N ranks loads and runs on 1 process
-step rag_eval_1 one scripts.rag_eval --source rag --model-tag multi --top-k 3 --max-examples $EV --max-new-tokens 48
+step rag_eval_1 one scripts.rag_eval --source rag --model-tag multi_rag --top-k 3 --max-examples $EV --max-new-tokens 48
 if [ "${SMALL:-0}" = 1 ]; then
     step bench_decode python3 benchmarks/bench_model.py --small --sections decode
 else

@@ -15,6 +15,10 @@
 #   rag              rag_finetune of the SFT hybrid (RAG_EPOCHS, --keep-best, --p-no-gold 0.1), top-3 BM25
 #   sft_same_tokens  plain chat_sft at rag's tokens per step (the step-time ratio)
 #   rag_eval         closed-book vs RAG on the held-out questions
+# Every training stage writes its checkpoints under its own tag (base_checkpoints/hybrid and /allT,
+# sft_checkpoints/hybrid_sft and /sftref, rag_checkpoints/hybrid_rag) with --overwrite, so a re-run replaces its
+# stage's checkpoints and a later stage never loads an older run's higher step; a base stage is skipped when the
+# checkpoint of the asked step count is complete (its meta file is written last).
 # PHASE=A / PHASE=B are the lists the 2026-12-03 session ran (A: data_bg mamba_check bench_compiled base_allT
 # bench_eager bench_decode; B: data base_hybrid sft rag sft_same_tokens rag_eval).
 # Measured on an H200 (2026-12-03, two sessions): data 30-38 s, mamba_check 280 s, bench_compiled 207 s,
@@ -73,8 +77,9 @@ data() {
 wait_data() { if [ -n "$DATA_PID" ]; then wait $DATA_PID; cat "$LOGS/data_bg.out"; DATA_PID=; fi; }
 base() {  # base <pattern> <tag> <iterations>
     wait_data
-    if [ -d "$NANOCHAT_BASE_DIR/base_checkpoints/$2" ] && [ "${FORCE:-0}" != 1 ]; then echo "== base_$2: exists" | tee -a "$S"; return 0; fi
-    step base_$2 python3 -m scripts.base_train $COMMON --block-pattern $1 --model-tag $2 --num-iterations $3; }
+    if [ -f "$NANOCHAT_BASE_DIR/base_checkpoints/$2/meta_$(printf %06d "$3").json" ] && [ "${FORCE:-0}" != 1 ]; then
+        echo "== base_$2: step $3 exists" | tee -a "$S"; return 0; fi
+    step base_$2 python3 -m scripts.base_train $COMMON --block-pattern $1 --model-tag $2 --num-iterations $3 --overwrite; }
 run_stage() {
     case "$1" in
     data)            data ;;
@@ -87,13 +92,16 @@ run_stage() {
     bench_decode)    TAILN=10 step bench_decode python3 benchmarks/bench_model.py $BSMALL --sections decode --json "$OUT/bench_decode.json" ;;
     base_hybrid)     base $HYB hybrid ${IT_HYB:-$IT} ;;
     base_allT)       base $ALLT allT ${IT_ALLT:-$IT} ;;
-    sft)             wait_data; step sft python3 -m scripts.chat_sft --source base --model-tag hybrid --data builtin --num-epochs 2 \
-                         --device-batch-size 32 --max-seq-len 512 --eval-every 20 --eval-steps 4 --compile 0 --log-every 10 --init-lr-frac 0.5 ;;
-    rag)             step rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid --num-epochs ${RAG_EPOCHS:-3} \
-                         --eval-every 25 --keep-best --init-lr-frac 0.5 --p-no-gold 0.1 $RAG ;;
-    sft_same_tokens) step sft_same_tokens python3 -m scripts.chat_sft --source sft --model-tag hybrid --output-tag sftref --data builtin \
-                         --num-iterations 60 --eval-every 1000 --device-batch-size 16 --max-seq-len $RSEQ --log-every 10 --compile $COMPILE ;;
-    rag_eval)        TAILN=25 step rag_eval python3 -m scripts.rag_eval --source rag --model-tag hybrid --top-k 3 --max-examples $EV --max-new-tokens 48 ;;
+    sft)             wait_data; step sft python3 -m scripts.chat_sft --source base --model-tag hybrid --output-tag hybrid_sft --overwrite \
+                         --data builtin --num-epochs 2 --device-batch-size 32 --max-seq-len 512 --eval-every 20 --eval-steps 4 --compile 0 \
+                         --log-every 10 --init-lr-frac 0.5 ;;
+    rag)             step rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid_sft --output-tag hybrid_rag --overwrite \
+                         --num-epochs ${RAG_EPOCHS:-3} --eval-every 25 --keep-best --init-lr-frac 0.5 --p-no-gold 0.1 $RAG ;;
+    sft_same_tokens) step sft_same_tokens python3 -m scripts.chat_sft --source sft --model-tag hybrid_sft --output-tag sftref --overwrite \
+                         --data builtin --num-iterations 60 --eval-every 1000 --device-batch-size 16 --max-seq-len $RSEQ --log-every 10 \
+                         --compile $COMPILE ;;
+    rag_eval)        TAILN=25 step rag_eval python3 -m scripts.rag_eval --source rag --model-tag hybrid_rag --top-k 3 --max-examples $EV \
+                         --max-new-tokens 48 ;;
     esac
 }
 for st in $STAGES; do run_stage "$st"; done

@@ -144,7 +144,8 @@ def atomic_path(final_path):
     final_path = os.fspath(final_path)
     d = os.path.dirname(os.path.abspath(final_path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final_path) + ".", suffix=".tmp", dir=d)
+    # the pid in the name lets recover_files tell a killed writer's temp file from a live one's
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final_path)}.{os.getpid()}.", suffix=".tmp", dir=d)
     os.close(fd)
     try:
         yield tmp
@@ -203,6 +204,44 @@ def recover_dir(final_dir):
                 shutil.rmtree(path, ignore_errors=True)
                 done.append(path)
     return done
+
+
+def recover_files(directory):
+    """
+    Remove what killed processes left in directory: atomic_path's temp files (".<name>.<pid>.<random>.tmp") and the
+    ".<name>.<pid>.<random>.del" dirs atomic_rmtree moves aside, when that pid is no longer alive. atomic_dir's temp
+    dirs are recover_dir's business (one of them may have to be renamed into place). Returns the paths removed.
+    """
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        m = re.fullmatch(r"\..+\.(\d+)\.[^.]+\.(tmp|del)", name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        if m.group(2) == "tmp" and os.path.isfile(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        elif m.group(2) == "del" and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+def atomic_rmtree(path):
+    """
+    Delete a directory so that no reader ever sees it half-deleted: one rename moves it aside (atomic), then the aside
+    copy is deleted; a kill during the delete leaves a ".<name>.<pid>.<random>.del" dir that no loader looks at and
+    recover_files(parent) removes.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        return
+    aside = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".del", dir=os.path.dirname(path))
+    os.rmdir(aside)
+    os.rename(path, aside)
+    shutil.rmtree(aside)
 
 
 @contextlib.contextmanager

@@ -4,12 +4,16 @@ system info, a table per stage, time per stage and PNG plots (loss curves; close
 
     python -m nanochat.report reset       # start a new report (speedrun_rag.sh does this first)
     python -m nanochat.report generate    # write $NANOCHAT_BASE_DIR/report/report.md and print its path
-    python -m nanochat.report time STAGE SECONDS   # record a stage's wall time (speedrun_rag.sh does this)
 
 From code (rank 0 only; other ranks are no-ops):
     from nanochat.report import log_step, write_stage
     log_step("base_train", {"step": 10, "loss": 3.2})          # appended to report/logs/base_train.jsonl
     write_stage("base_train", {"val_bpb": 1.23, "tokens_per_s": 5e4}, time_s=123.4)
+
+speedrun_rag.sh writes a completion record per stage, report/stages/<stage>.done, after the stage's command
+succeeded: lines "id: ...", "seconds: ...", "after: <id of the stage before>", "command: ..." (the shell compares
+the last two to decide whether the stage is done; see speedrun_rag.sh). `generate` takes the time per stage from
+them; `reset` removes them, so the next speedrun redoes every stage.
 """
 
 import os
@@ -91,6 +95,24 @@ def write_stage(stage, figures, time_s=None, notes=None, markdown=None):
     atomic_write_json(os.path.join(report_dir(), f"{stage}.json"), data)
 
 
+def read_stage_records():
+    """speedrun_rag.sh's completion records, oldest first: [{"stage", "id", "seconds", "after", "command"}]."""
+    records = []
+    for path in glob.glob(os.path.join(report_dir(), "stages", "*.done")):
+        rec = dict(stage=os.path.basename(path)[:-len(".done")])
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.rstrip("\n").partition(": ")
+                if sep:
+                    rec[key] = value
+        try:
+            rec["seconds"] = float(rec["seconds"])
+        except (KeyError, ValueError):
+            rec["seconds"] = None
+        records.append((os.path.getmtime(path), rec))
+    return [rec for _, rec in sorted(records, key=lambda r: r[0])]
+
+
 def system_info():
     import torch
     info = dict(
@@ -114,6 +136,7 @@ def reset():
     for f in glob.glob(os.path.join(d, "*.json")) + glob.glob(os.path.join(d, "*.png")) + glob.glob(os.path.join(d, "*.jsonl")):
         os.remove(f)
     shutil.rmtree(os.path.join(d, "logs"), ignore_errors=True)
+    shutil.rmtree(os.path.join(d, "stages"), ignore_errors=True)  # speedrun_rag.sh's completion records
     info = system_info()
     info["start_time"] = time.time()
     atomic_write_json(os.path.join(d, "system.json"), info)
@@ -228,16 +251,10 @@ def generate():
             bars = _plot_rag_bars(d, figs)
             if bars:
                 lines += [f"![closed-book vs RAG]({bars})", ""]
-    # wall time per speedrun stage (speedrun_rag.sh appends to timings.jsonl), else the stages' own times
-    tpath = os.path.join(d, "timings.jsonl")
-    if os.path.exists(tpath):
-        with open(tpath, encoding="utf-8") as f:
-            last = {}
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    last[r["stage"]] = r["seconds"]  # a re-run stage keeps its latest time
-        timing = list(last.items())
+    # wall time per speedrun stage (its completion records: a re-run stage has its latest time), else the stages' own
+    records = [(r["stage"], r["seconds"]) for r in read_stage_records() if r["seconds"] is not None]
+    if records:
+        timing = records
     if timing:
         lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {t} | {s:.1f} |" for t, s in timing]
@@ -251,15 +268,10 @@ def generate():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Reset or generate the run report under $NANOCHAT_BASE_DIR/report.")
-    parser.add_argument("command", choices=["reset", "generate", "time"],
-                        help="reset: start a new report; generate: write report.md; time STAGE SECONDS: record a stage's wall time")
-    parser.add_argument("args", nargs="*", help="time: STAGE SECONDS")
+    parser.add_argument("command", choices=["reset", "generate"],
+                        help="reset: start a new report (and make speedrun_rag.sh redo every stage); generate: write report.md")
     args = parser.parse_args()
-    if args.command == "time":
-        if len(args.args) != 2:
-            parser.error("time needs STAGE SECONDS")
-        append_jsonl(os.path.join(report_dir(), "timings.jsonl"), {"stage": args.args[0], "seconds": float(args.args[1])})
-    elif args.command == "reset":
+    if args.command == "reset":
         reset()
         print(f"report reset in {report_dir()}")
     else:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from nanochat.common import (compute_init, compute_cleanup, print0, get_autocast_ctx, lr_multiplier, get_dist_info,
                              synchronize, get_peak_flops, compile_and_wrap, add_checkpoint_args)
 from nanochat.checkpoint_manager import (load_model, checkpoint_dir, save_checkpoint, load_checkpoint, find_last_step,
-                                         make_meta, gather_loader_states, loader_state_for_rank)
+                                         make_meta, gather_loader_states, loader_state_for_rank, prepare_checkpoint_dir)
 from nanochat.dataloader import prefetch
 from nanochat.report import log_step, write_stage, reset_log
 from nanochat.tokenizer import ConversationTooLong
@@ -75,6 +75,8 @@ def add_sft_args(parser, default_source="base"):
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint of the output tag")
     parser.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 or 0 (-1: on for CUDA)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (less memory for long rows, ~1/3 more compute)")
     parser.add_argument("--seed", type=int, default=42)
     return parser
 
@@ -222,8 +224,11 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
 
     model, tokenizer, meta_in = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                            step=args.step, block_pattern=args.block_pattern)
+    model.set_activation_checkpointing(args.activation_checkpointing)
     out_tag = args.output_tag or meta_in["model_tag"]
     ckpt_dir = checkpoint_dir(out_source, out_tag)
+    # one run per tag: a fresh run into an occupied tag is refused unless --overwrite (before any training work)
+    run = prepare_checkpoint_dir(ckpt_dir, args.resume, args.overwrite, rank)
     T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
     B = args.device_batch_size
     orig_model = model
@@ -290,7 +295,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
                 print0(f"--keep-best: saving the weights of step {best[1]} (val loss {best[0]:.4f}; last {val_loss:.4f})")
             meta = make_meta(orig_model, tokenizer, step, user_config=vars(args),
                              dataloader_states=gather_loader_states(consumed_state),
-                             model_tag=out_tag, val_loss=best[0] if extra else val_loss, stage=stage,
+                             model_tag=out_tag, val_loss=best[0] if extra else val_loss, stage=stage, **run,
                              parent=dict(source=args.source, model_tag=meta_in["model_tag"], step=meta_in.get("step")),
                              **extra)
             save_checkpoint(ckpt_dir, step, state, [o.state_dict() for o in optimizers], meta, rank=rank)

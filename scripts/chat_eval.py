@@ -1,7 +1,7 @@
 """
 Evaluate a chat model on categorical (multiple choice) and generative tasks.
 
-    python -m scripts.chat_eval --source sft -a StdlibQA                  # built-in, offline
+    python -m scripts.chat_eval --source sft -a builtin                  # built-in, offline
     python -m scripts.chat_eval --source sft -a ARC-Easy,MMLU,GSM8K       # from the HF hub (cached)
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- --source sft -a MMLU
 
@@ -14,32 +14,19 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from nanochat.common import add_checkpoint_args, compute_init, compute_cleanup, print0, ArgumentParser, get_autocast_ctx
-
-TASK_NAMES = ["StdlibQA", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K"]
-
-
-def load_task(name):
-    if name == "StdlibQA":
-        from tasks.stdlib_qa import StdlibQA
-        return StdlibQA("eval")
-    if name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks.arc import ARC
-        return ARC(subset=name, split="test")
-    if name == "MMLU":
-        from tasks.mmlu import MMLU
-        return MMLU(subset="all", split="test")
-    if name == "GSM8K":
-        from tasks.gsm8k import GSM8K
-        return GSM8K(subset="main", split="test")
-    raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
-
+from nanochat.common import (add_checkpoint_args, compute_init, compute_cleanup, print0, ArgumentParser, get_autocast_ctx,
+                             run_main)
+from nanochat.checkpoint_manager import load_model
+from nanochat.engine import Engine
+from nanochat.report import write_stage
+from tasks.hf import use_hf_local
+from tasks.registry import load_task, task_names
 
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, indices, autocast_ctx, batch_size=8, progress=False, desc=None):
     """Number correct: argmax over the letters' logits at the position after <|assistant_start|>."""
-    from tqdm import tqdm
     device = model.get_device()
     seq_len = model.config.sequence_len
     correct = 0
@@ -62,7 +49,6 @@ def run_categorical(model, tokenizer, task, indices, autocast_ctx, batch_size=8,
 
 def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperature, top_k, progress=False, desc=None):
     """Number correct (task.evaluate of the Engine's answer; fractional scores add up)."""
-    from tqdm import tqdm
     correct = 0
     for i in tqdm(indices, desc=desc, disable=not progress, mininterval=2.0):
         conv = task[i]
@@ -75,23 +61,19 @@ def run_generative(engine, task, indices, autocast_ctx, max_new_tokens, temperat
 def main():
     parser = ArgumentParser(description="Evaluate a chat model on tasks (accuracy per task).")
     add_checkpoint_args(parser, default_source="sft")
-    parser.add_argument("-a", "--tasks", type=str, default="StdlibQA", help=f"comma-separated: {', '.join(TASK_NAMES)}")
+    parser.add_argument("-a", "--tasks", type=str, default="builtin",
+                        help=f"comma-separated names of tasks/registry.py ({', '.join(task_names())})")
+    parser.add_argument("--split", type=str, default="test", choices=["dev", "test"], help="which split to score")
     parser.add_argument("--max-problems", type=int, default=None, help="at most this many examples per task (None: all)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per generated answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (generative tasks)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward for categorical tasks")
     parser.add_argument("--hf-local", type=str, default=None,
                         help="a local mirror of the HF hub datasets: DIR/<repo_id>/<file> is read instead of downloading")
     parser.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps ('': autodetect)")
     args = parser.parse_args()
-    from tasks.hf import use_hf_local
     use_hf_local(args.hf_local)
-
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
-    from nanochat.report import write_stage
-
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     autocast_ctx = get_autocast_ctx(device.type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -99,7 +81,7 @@ def main():
     results = {}
     t0 = time.time()
     for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        task = load_task(name)
+        task = load_task(name, args.split)
         n = len(task) if args.max_problems is None else min(len(task), args.max_problems)
         indices = list(range(rank, n, world_size))
         t1 = time.time()
@@ -107,7 +89,7 @@ def main():
             correct = run_categorical(model, tokenizer, task, indices, autocast_ctx, args.batch_size, rank == 0, name)
         else:
             correct = run_generative(engine, task, indices, autocast_ctx, args.max_new_tokens, args.temperature,
-                                     args.top_k, rank == 0, name)
+                                     args.top_k or None, rank == 0, name)
         counts = torch.tensor([float(correct), float(len(indices))], dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(counts)
@@ -120,4 +102,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

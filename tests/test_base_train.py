@@ -1,6 +1,7 @@
 """
 scripts/base_train.py end to end on a tiny hybrid model (CPU): val bpb goes down, --resume continues with
-exactly the losses of an uninterrupted run, and a 2-process torchrun (gloo) completes.
+exactly the losses of an uninterrupted run, a 2-process torchrun (gloo) completes, and a fresh run into a tag that
+holds checkpoints is refused in one line unless --overwrite.
 """
 
 import os
@@ -79,6 +80,27 @@ def test_base_train_torchrun_two_processes_and_resume(pipeline_env):
                     "--save-every", "2", "--resume")
     p = run_script(one, env, expect_ok=False)
     assert p.returncode != 0 and "saved by 2 process(es) but this run has 1" in p.stderr
+
+
+@pytest.mark.slow
+def test_base_train_refuses_an_occupied_tag_in_one_line_and_overwrite_replaces_it(pipeline_env):
+    env, base = pipeline_env["env"], pipeline_env["base"]
+    ckpt = os.path.join(base, "base_checkpoints", "tiny")
+    os.makedirs(ckpt)
+    earlier = ["meta_000006.json", "model_000006.pt", "optim_000006.pt"]  # an earlier run's step 6 (only names are read)
+    for name in earlier:
+        open(os.path.join(ckpt, name), "w").close()
+    args = base_args(pipeline_env["corpus"], "--num-iterations", "2", "--eval-every", "-1")
+    p = run_script(args, env, expect_ok=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {ckpt} already holds checkpoints of an earlier run "
+                                                        f"(steps 6); "), p.stderr
+    assert "--resume" in p.stderr and "--overwrite" in p.stderr and sorted(os.listdir(ckpt)) == earlier
+    run_script(args + ["--overwrite"], env)
+    assert sorted(os.listdir(ckpt)) == ["meta_000002.json", "model_000002.pt", "optim_000002.pt"]
+    with open(os.path.join(ckpt, "meta_000002.json")) as f:
+        meta = json.load(f)
+    assert len(meta["run_id"]) == 12 and meta["run_started"]
 
 
 def test_base_train_help():
