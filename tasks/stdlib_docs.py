@@ -8,6 +8,8 @@ It feeds the built-in pretraining corpus (tasks/builtin_corpus.py) and the built
     records = harvest(modules=["json"])    # just one package (and its public submodules)
     python -m tasks.stdlib_docs         # print the counts and a few records (nothing is written)
     first_sentence(doc), first_paragraph(doc), prose(doc)   # reading a docstring (shared by corpus and QA)
+    doc_sentences(doc), sentences(text)                      # every prose sentence (QA answers, baselines)
+    signature_params("fill(text, width=70)")                # [("text", None), ("width", "70")]
 
 A record is
     {"id": "textwrap.dedent", "module": "textwrap", "name": "dedent", "kind": "function",
@@ -450,6 +452,179 @@ def _sentence_ends(text):
 def first_sentence(doc):
     par = first_paragraph(doc, max_chars=10 ** 9)
     return par[:next(_sentence_ends(par))] if par else ""
+
+
+def sentences(text):
+    """The sentences of a one-line (squashed) text, by the rule of _sentence_ends: stripped, empty ones dropped."""
+    out, start = [], 0
+    for end in _sentence_ends(text):
+        if end > start and text[start:end].strip():
+            out.append(text[start:end].strip())
+        start = end
+    return out
+
+
+def signature_params(sig):
+    """[(name, default or None)] of a signature line "fill(text, width=70, *, sep: str = ' ', **kwargs)": the
+    parameters split at top-level commas, "*"/"/" markers dropped, stars kept on *args/**kwargs, annotations
+    dropped; default is the text after "=" as written. [] if there are no parentheses."""
+    if "(" not in sig or ")" not in sig:
+        return []
+    inner = sig[sig.index("(") + 1:sig.rindex(")")]
+    parts, depth, quote, cur = [], 0, "", ""
+    for ch in inner:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    parts.append(cur)
+    out = []
+    for part in parts:
+        m = re.match(r"\s*(\*{0,2}[A-Za-z_]\w*)\s*(?::[^=]*)?(?:=\s*(.*?))?\s*$", part, re.S)
+        if m:
+            out.append((m.group(1), m.group(2)))
+    return out
+
+
+def doc_sentences(doc):
+    """
+    Every prose sentence of a docstring in order, whitespace-squashed (each one a verbatim span of the docstring up
+    to whitespace): paragraph by paragraph, a paragraph cut at its first doctest line (">>>"), headings and indented
+    blocks (code, grammar) skipped. Signature lines count as sentences here (first_paragraph skips them).
+    """
+    out = []
+    for par in paragraphs(doc):
+        lines = []
+        for line in par:
+            if line.lstrip().startswith(">>>"):
+                break
+            lines.append(line)
+        if not lines or lines[0].startswith((" ", "\t")) or any(UNDERLINE.match(x.strip()) for x in lines):
+            continue
+        out.extend(sentences(squash(" ".join(lines))))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# spans of a docstring that answer a question (the built-in QA asks about them, tasks/baselines.py reads them back)
+
+EXCEPTION = (r"(?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*(?:Error|Exception|Warning)|StopIteration|KeyboardInterrupt|"
+             r"SystemExit|GeneratorExit)")
+_RAISES = [re.compile(rf"\b(?:[Rr]aises?|[Rr]aising|[Tt]hrows?)\s+(?:an?\s+|the\s+)?[`'*]?({EXCEPTION})\b[`'*]?"),
+           re.compile(rf"[`'*]?\b({EXCEPTION})[`'*]?\s+(?:exception\s+)?(?:is|will be|may be|can be|might be|gets|"
+                      rf"is also)\s+(?:then\s+)?raised\b")]
+_CONDITION = re.compile(r"^(If|When|Unless) ([^,;:]{4,120}), (?:then )?(.{6,220}?)\.?$")
+_AFTER_CONDITION = re.compile(r"\b(if|when|unless)\s+(.{4,160}?)\.?$")
+_RETURNS = re.compile(r"^(?:Returns?|Create and return|Creates and returns)\s+(.+?)\.?$")
+_PARAM_LINE = re.compile(r"^\s*(?::param\s+(?:[\w\[\], .]+\s+)?|[*`']{0,2})([A-Za-z_]\w*)[*`']{0,2}\s*(?:--|:)\s+"
+                         r"(\S.*)$")
+_PARAM_SENTENCE = re.compile(r"^(?:The (?:optional )?)?[*`']{0,2}([A-Za-z_]\w*)[*`']{0,2}(?: (?:argument|parameter|"
+                             r"keyword argument|arg))?,? (is|are|must be|should be|specifies|determines|controls|"
+                             r"gives|indicates) (.{4,200}?)\.?$")
+_NAME = r"[`']?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)(\(\))?[`']?"
+XREF_RELATIONS = ("instead", "see", "like", "called")
+_XREF = [("instead", re.compile(rf"\b[Uu]se\s+{_NAME}\s+instead\b")),
+         ("instead", re.compile(rf"\b{_NAME}\s+should be used instead\b")),
+         ("see", re.compile(rf"\b[Ss]ee(?: also)?(?: the)?(?: method| function| class)?\s+{_NAME}")),
+         ("like", re.compile(rf"\b(?:[Ss]ame as|[Ee]quivalent to|[Aa]lias (?:for|of)|[Ss]ynonym for|[Ss]imilar to|"
+                             rf"[Ll]ike)\s+{_NAME}")),
+         ("called", re.compile(rf"\b[Cc]alled (?:by|from)\s+{_NAME}"))]
+_NOT_NAMES = {"the", "a", "an", "this", "that", "it", "self", "cls", "below", "above", "help", "note", "notes", "also",
+              "method", "function", "class", "module", "type", "object", "example", "section", "docs", "these"}
+
+
+def returns_statement(sents):
+    """(what, sentence) of the first "Return(s) <what>." sentence, or None."""
+    for s in sents:
+        m = _RETURNS.match(s)
+        if m and not s.endswith(":"):
+            return m.group(1), s
+    return None
+
+
+def raise_statements(sents):
+    """[(exception, condition, sentence)] of every "raises X" / "X is raised" in the sentences; condition is the
+    "if/when/unless ..." span of that sentence as written ("If x is empty" when it leads the sentence), or ""."""
+    out = []
+    for s in sents:
+        for pattern in _RAISES:
+            for m in pattern.finditer(s):
+                cond = ""
+                after, before = _AFTER_CONDITION.search(s, m.end()), _CONDITION.match(s)
+                if after:
+                    cond = s[after.start():after.end()].rstrip(".")
+                elif before and before.end(2) < m.start():
+                    cond = s[:before.end(2)]
+                out.append((m.group(1), cond, s))
+    return out
+
+
+def condition_statements(sents):
+    """[(keyword, condition, consequence, sentence)] of the sentences "If <condition>, <consequence>." (also When,
+    Unless) that raise nothing."""
+    out = []
+    for s in sents:
+        m = _CONDITION.match(s)
+        if m and not any(p.search(s) for p in _RAISES):
+            out.append((m.group(1), m.group(2), m.group(3), s))
+    return out
+
+
+def param_statement(doc, sents, param):
+    """How a docstring describes parameter `param`: (form, verb, description, evidence) or None. A line
+    "param -- text" / ":param param: text" / "*param*: text" gives form "is" and the line's first sentence; else a
+    sentence "*param* is/must be/specifies ... text." gives form "is", "be" or "verb" (verb: "specifies", ...)."""
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        m = _PARAM_LINE.match(line)
+        if m and m.group(1) == param:
+            indent = len(line) - len(line.lstrip())
+            block = [line]
+            for more in lines[i + 1:]:  # continuation lines are indented deeper than the parameter's line
+                if not more.strip() or len(more) - len(more.lstrip()) <= indent:
+                    break
+                block.append(more)
+            text = sentences(squash(m.group(2) + " " + " ".join(block[1:])))
+            if text:
+                return "is", "", _one_param(text[0]), squash(" ".join(block))
+    for s in sents:
+        m = _PARAM_SENTENCE.match(s)
+        if m and m.group(1) == param:
+            verb = m.group(2)
+            form = "is" if verb in ("is", "are") else "be" if verb.endswith(" be") else "verb"
+            return form, verb, _one_param(m.group(3)), s
+    return None
+
+
+def _one_param(text):
+    """A description cut where the next *param* starts ("an optional root node, *file* is ..."), no final stop."""
+    return re.split(r"[,;]\s+(?=[*`']\w+[*`']\s)", text)[0].rstrip(".")
+
+
+def xref_statements(sents, relations=XREF_RELATIONS):
+    """[(relation, name, marked, sentence)]: the names a docstring points to ("Use X instead", "See X", "Same as
+    X", "Called by X"); marked says the name is written as code (`x`, x(), a dotted name), not as a plain word."""
+    out = []
+    for s in sents:
+        for relation, pattern in _XREF:
+            if relation not in relations:
+                continue
+            for m in pattern.finditer(s):
+                name = m.group(1)
+                if name.lower() in _NOT_NAMES or name.startswith(("self.", "cls.")) or len(name) < 3:
+                    continue
+                marked = bool(m.group(2)) or "." in name or s[max(0, m.start(1) - 1):m.start(1)] in ("`", "'")
+                out.append((relation, name, marked, s))
+    return out
 
 
 # -----------------------------------------------------------------------------
