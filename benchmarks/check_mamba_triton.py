@@ -60,7 +60,6 @@ if not torch.cuda.is_available():
 
 device = torch.device("cuda")
 results = {"args": vars(args), "env": {}, "checks": [], "timings_ms": {}, "errors": [], "skipped": []}
-IMPL_VAR = "NANOCHAT_MAMBA_IMPL"
 
 
 def check(name, a, b, tol=None):
@@ -87,8 +86,10 @@ def record_error(where, e, optional=False):
         traceback.print_exc()
 
 
-def set_impl(impl):
-    os.environ[IMPL_VAR] = impl
+def set_impl(impl, scan_op=None):
+    """Switch our layer's scan (Mamba2.configure: the choice is the layer's, made outside the timed code). An
+    explicit impl="triton" raises where the kernels cannot load."""
+    ours.configure(impl=impl, scan_op=scan_op)
 
 
 # -----------------------------------------------------------------------------
@@ -116,6 +117,8 @@ with torch.no_grad():  # move D / norm off their all-ones init so that their gra
     ours.D.uniform_(0.5, 1.5)
     ours.norm.weight.uniform_(0.5, 1.5)
 state_dict = {k: v.clone() for k, v in ours.state_dict().items()}
+results["env"]["ours_default"] = ours.describe()  # what a model built here uses unless told otherwise
+print0(f"ours (default build): {ours.describe()}")
 
 refs = {}  # name -> mamba-ssm module with the same weights
 try:
@@ -140,9 +143,7 @@ dy = torch.randn(B, T, C, device=device, generator=gen)
 def fwd_bwd(module, impl=None, scan_op="auto"):
     """bf16-autocast forward + backward; returns (y, u.grad, {param name: grad}). scan_op=1: through the
     nanochat::ssd_scan custom op (what torch.compile runs) even eagerly."""
-    if impl is not None:
-        set_impl(impl)
-    os.environ["NANOCHAT_MAMBA_SCAN_OP"] = scan_op
+    set_impl(impl, scan_op)
     module.zero_grad(set_to_none=True)
     x = u.clone().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -172,7 +173,7 @@ try:  # the whole layer compiled (auto: the scan goes through the custom op)
     outs["ours_triton_compiled"] = fwd_bwd(torch.compile(ours), "triton")
 except Exception as e:
     record_error("fwd+bwd ours_triton_compiled", e)
-os.environ["NANOCHAT_MAMBA_SCAN_OP"] = "auto"
+set_impl(None, "auto")
 pairs = [("ours_triton", "ours_torch"), ("mamba_ssm", "ours_torch"), ("mamba_ssm", "ours_triton"), ("mamba_ssm_memeff", "ours_triton"),
          ("ours_triton_op", "ours_triton"), ("mamba_ssm", "ours_triton_op"), ("ours_torch_op", "ours_torch"),
          ("mamba_ssm", "ours_triton_compiled")]
@@ -337,12 +338,10 @@ def time_ms(fn, warmup=args.warmup, iters=args.iters):
     return times[len(times) // 2]
 
 
-def train_step_fn(module, impl=None):
+def train_step_fn(module):
     x = u.clone().requires_grad_()
 
     def step():
-        if impl is not None:
-            set_impl(impl)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = module(x)
         y.float().backward(dy)
@@ -364,8 +363,10 @@ def gpu_ms(fn, iters=5):
     return total_us / iters / 1000.0
 
 
-def measure(name, fn, optional=False):
+def measure(name, fn, optional=False, impl=None, scan_op=None):
+    """Time fn with our layer switched to impl/scan_op first (None: unchanged), outside the timed calls."""
     try:
+        set_impl(impl, scan_op)
         torch.cuda.reset_peak_memory_stats()
         entry = {"wall_ms": time_ms(fn), "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30}
         try:
@@ -381,25 +382,22 @@ def measure(name, fn, optional=False):
 section(f"3. timing one layer (bf16 autocast; wall = CUDA events, median of {args.iters} after {args.warmup} warmup; "
         f"gpu = kernel time from torch.profiler)")
 for name, module, impl in [("ours_torch", ours, "torch"), ("ours_triton", ours, "triton")] + [(n, m, None) for n, m in refs.items()]:
-    measure(f"{name} fwd+bwd", train_step_fn(module, impl), optional=name == "mamba_ssm_memeff")
+    measure(f"{name} fwd+bwd", train_step_fn(module), optional=name == "mamba_ssm_memeff", impl=impl)
 # the way the GPT trains: the whole layer under torch.compile, the scan as a custom op inside the graph (default)
-# or kept out of it by compiler.disable (NANOCHAT_MAMBA_SCAN_OP=0: a graph break at the scan)
-set_impl("triton")
+# or kept out of it by compiler.disable (scan_op=0: a graph break at the scan)
 for label, mode in [("scan op", "auto"), ("graph break", "0")]:
-    os.environ["NANOCHAT_MAMBA_SCAN_OP"] = mode
     torch._dynamo.reset()
-    measure(f"ours_triton+compile ({label}) fwd+bwd", train_step_fn(torch.compile(ours), "triton"))
-os.environ["NANOCHAT_MAMBA_SCAN_OP"] = "auto"
+    measure(f"ours_triton+compile ({label}) fwd+bwd", train_step_fn(torch.compile(ours)), impl="triton", scan_op=mode)
+set_impl(None, "auto")
 
 for impl in ["torch", "triton"]:
     st = new_state(B)
 
     @torch.no_grad()
     def decode_step():
-        set_impl(impl)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             ours(u[:, :1], state=st)
-    measure(f"ours_{impl} decode step", decode_step)
+    measure(f"ours_{impl} decode step", decode_step, impl=impl)
 if "mamba_ssm" in refs:
     ref = refs["mamba_ssm"]
     ref_params = types.SimpleNamespace(key_value_memory_dict={ref.layer_idx: (new_state(B).conv_state, new_state(B).ssm_state)},

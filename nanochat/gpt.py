@@ -3,7 +3,8 @@ The GPT: a nanochat-style Transformer whose blocks may be attention ("T") or Mam
 
     from nanochat.gpt import GPT, GPTConfig
     config = GPTConfig(n_layer=4, n_embd=256, n_head=2, n_kv_head=2, vocab_size=4096, block_pattern="TMTM")
-    model = GPT(config); model.init_weights()
+    model = GPT(config); model.init_weights()        # GPT(config, mamba_impl="torch"): see nanochat/mamba.py
+    model.set_activation_checkpointing(True)         # optional: recompute each block in backward (long sequences)
     loss = model(idx, targets)                       # training
     logits = model(idx, cache=cache)                 # inference with an engine.InferenceCache
 
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from nanochat.common import print0
 from nanochat.mamba import Mamba2, mamba_flops_per_token
 
 
@@ -104,18 +107,20 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([y1, y2], 3).to(x.dtype)
 
 
-def decode_attention(q, k, v):
+def decode_attention(q, k, v, valid=None):
     """
     One query per row over the whole cache: q (B, H, 1, D), k/v (B, Hkv, L, D) -> (B, H, 1, D).
     Plain matmuls on purpose: the key length changes at every decode step, and SDPA's per-shape kernel
     selection (cuDNN plans on H100) cost milliseconds per layer per token (measured: all-T d12 decoded at 15-22
     tokens/s on an H100, dev/LOG.md 2026-11-24); these two small matmuls have no per-shape setup.
+    valid: None, or an (L,) bool mask of the keys to attend to (the static-shape step masks the unwritten tail).
     """
     B, H, _, D = q.shape
     Hkv = k.size(1)
     qg = q.reshape(B, Hkv, H // Hkv, D)  # query heads grouped under their key/value head (GQA)
     scores = torch.matmul(qg, k.transpose(-1, -2).to(qg.dtype)) * (D ** -0.5)  # (B, Hkv, G, L)
-    att = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    scores = scores.float() if valid is None else scores.float().masked_fill(~valid, float("-inf"))
+    att = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(att, v).reshape(B, H, 1, D).to(q.dtype)
 
 
@@ -144,6 +149,14 @@ class CausalSelfAttention(nn.Module):
         enable_gqa = self.n_head != self.n_kv_head
         if layer_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        elif torch.is_tensor(pos):
+            # the static-shape one-token step (engine.FastDecoder): pos is a (1,) device tensor, the token is written
+            # there and the query attends over the whole preallocated cache with the positions after pos masked, so
+            # every step has the same shapes, no host sync, and can be replayed from one CUDA graph
+            layer_cache.k.index_copy_(2, pos, k.to(layer_cache.k.dtype))
+            layer_cache.v.index_copy_(2, pos, v.to(layer_cache.v.dtype))
+            valid = torch.arange(layer_cache.k.size(2), device=x.device) <= pos
+            y = decode_attention(q, layer_cache.k.to(q.dtype), layer_cache.v.to(q.dtype), valid)
         else:
             # write this chunk's keys/values at [pos, pos+T) and attend over everything cached so far
             layer_cache.k[:, :, pos:pos + T] = k
@@ -176,7 +189,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, mamba_impl=None):
         super().__init__()
         self.kind = config.block_pattern[layer_idx]
         if self.kind == "T":
@@ -185,7 +198,7 @@ class Block(nn.Module):
             self.mixer = Mamba2(
                 d_model=config.n_embd, d_state=config.mamba_d_state, d_conv=config.mamba_d_conv,
                 expand=config.mamba_expand, headdim=config.mamba_headdim, ngroups=config.mamba_ngroups,
-                chunk_size=config.mamba_chunk_size, layer_idx=layer_idx,
+                chunk_size=config.mamba_chunk_size, layer_idx=layer_idx, impl=mamba_impl,
             )
         self.mlp = MLP(config)
 
@@ -202,20 +215,27 @@ class Block(nn.Module):
 # the model
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, mamba_impl=None):
+        """mamba_impl: how the M blocks scan, auto|torch|triton (None: NANOCHAT_MAMBA_IMPL, default auto), decided
+        here once and printed (nanochat.mamba.Mamba2.configure)."""
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            "h": nn.ModuleList([Block(config, i, mamba_impl) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # rotary tables: over-allocate (10x) so generation can run past the training length; small and cheap
+        # rotary tables: over-allocate (10x) so generation can run past the training length; small and cheap.
+        # A longer sequence (fine-tuning at a longer --max-seq-len than the base's) grows them (forward)
         self.rotary_seq_len = config.sequence_len * 10
         head_dim = config.n_embd // config.n_head
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        mixers = [block.mixer for block in self.transformer.h if block.kind == "M"]
+        if mixers:
+            print0(f"mamba: {mixers[0].describe()}")
 
     def init_weights(self):
         """Initialize all parameters. Call after constructing (possibly on the meta device, then .to_empty())."""
@@ -243,6 +263,13 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim, device=self.cos.device)
         self.cos, self.sin = cos, sin
 
+    def _grow_rotary(self, seq_len):
+        """Rotary tables for at least seq_len positions (doubling, so a run of growing lengths rebuilds rarely)."""
+        self.rotary_seq_len = max(seq_len, 2 * self.rotary_seq_len)
+        head_dim = self.config.n_embd // self.config.n_head
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim, device=self.cos.device)
+        self.cos, self.sin = cos.to(self.cos.dtype), sin.to(self.sin.dtype)
+
     def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
         if device is None:
             device = self.transformer.wte.weight.device
@@ -257,6 +284,18 @@ class GPT(nn.Module):
 
     def get_device(self):
         return self.transformer.wte.weight.device
+
+    def set_activation_checkpointing(self, enabled=True):
+        """
+        Activation checkpointing per block (torch.utils.checkpoint, non-reentrant): when gradients flow, each
+        block keeps only its input and recomputes its activations in backward, one block at a time. Trades ~1/3
+        more compute (a second forward) for activation memory that no longer grows with depth x sequence length
+        inside the blocks: what long sequences (8K-32K tokens per row) need. Same gradients (tests/test_gpt.py);
+        works under torch.compile (Inductor recomputes the tagged region) and with the nanochat::ssd_scan op.
+        Inference (a cache, or no grad) never checkpoints.
+        """
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     # -------------------------------------------------------------------------
     # accounting
@@ -340,23 +379,32 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # forward
 
-    def forward(self, idx, targets=None, cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", decode_pos=None):
         """
         idx: (B, T) token ids. targets: (B, T) with -1 = ignore, or None (returns logits).
         cache: an engine.InferenceCache; the new tokens are placed at cache.pos, the cache advances by T.
+        decode_pos: the static-shape one-token step of engine.FastDecoder: a (1,) long tensor on the model's device
+        (T must be 1); the token goes there instead of cache.pos, and cache.pos is left to the caller.
         """
         B, T = idx.size()
-        pos = cache.pos if cache is not None else 0
-        if pos + T > self.cos.size(1):
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)} = 10x sequence_len)")
-        cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        if decode_pos is not None:
+            pos = decode_pos  # a tensor: no host sync, the same shapes at every position (CUDA graph capture)
+            cos_sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)
+        else:
+            pos = cache.pos if cache is not None else 0
+            if pos + T > self.cos.size(1):
+                self._grow_rotary(pos + T)
+            cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = self.transformer.wte(idx)
         x = norm(x)
+        checkpointed = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, cos_sin, layer_cache, pos)
+            if checkpointed:
+                x = checkpoint(block, x, cos_sin, use_reentrant=False)
+            else:
+                x = block(x, cos_sin, cache.layers[i] if cache is not None else None, pos)
         x = norm(x)
-        if cache is not None:
+        if cache is not None and decode_pos is None:
             cache.pos += T
         softcap = 15.0
         if targets is not None:
@@ -382,11 +430,15 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B, 1). temperature 0 = greedy."""
-    assert temperature >= 0.0, "temperature must be non-negative"
+    """logits (B, V) -> (B, 1). temperature 0 = greedy; top_k None = the whole vocabulary, else a positive int."""
+    # ValueError, not assert: asserts vanish under python -O (issue 15, item 6)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         k = min(top_k, logits.size(-1))
         vals, idx = torch.topk(logits, k, dim=-1)
         probs = F.softmax(vals / temperature, dim=-1)

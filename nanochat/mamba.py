@@ -8,21 +8,25 @@ norm_before_gate=False, conv_bias=True, bias=False, D_has_hdim=False), so state 
     conv1d.weight (conv_dim, 1, d_conv), conv1d.bias (conv_dim,)        conv_dim = d_inner + 2*ngroups*d_state
     dt_bias, A_log, D (nheads,), norm.weight (d_inner,), out_proj.weight (d_model, d_inner)
 
-Two implementations of the scan, same weights, chosen at call time by NANOCHAT_MAMBA_IMPL=auto|torch|triton:
+Two implementations of the scan, same weights, chosen once when the layer is built (Mamba2(impl=...), default
+from NANOCHAT_MAMBA_IMPL=auto|torch|triton, read at build time only; GPT prints the choice once):
   - torch: pure PyTorch, CPU and GPU. ssd_chunked() is the SSD block decomposition; ssd_sequential() is the
     plain recurrence, kept as the reference the tests compare against.
   - triton: mamba-ssm's Triton kernels (mamba_chunk_scan_combined for training/prefill, selective_state_update
     for decode), imported without running mamba_ssm/__init__.py (which imports a CUDA extension unguarded): bare
     package modules are registered for mamba_ssm, mamba_ssm.ops, mamba_ssm.ops.triton and mamba_ssm.utils, so a
     later `import mamba_ssm.modules.mamba2` works too, but `mamba_ssm.Mamba2` (from the real __init__) does not.
-  auto = triton when the input is on CUDA (and not float64) and the kernels import, else torch.
-Under torch.compile the training scan is a custom op (nanochat::ssd_scan, NANOCHAT_MAMBA_SCAN_OP=auto|0|1), so the
-graph does not break at M layers; prefill with states and the decode step run outside the graph
-(torch.compiler.disable). The depthwise conv takes a shifted-sum form there that Inductor fuses (causal_conv_silu).
+    Asking for it where the kernels cannot load (no CUDA, no mamba-ssm) is an error at build time.
+  auto = triton when the kernels load, used for CUDA tensors that are not float64 (the torch scan takes the rest).
+Under torch.compile the training scan is a custom op (nanochat::ssd_scan; scan_op=auto|0|1, default from
+NANOCHAT_MAMBA_SCAN_OP), so the graph does not break at M layers; prefill with states and the decode step run
+outside the graph (torch.compiler.disable). The depthwise conv takes a shifted-sum form there that Inductor fuses
+(causal_conv_silu). A Triton launch that fails with OutOfResources falls back to the torch scan, on both paths.
 
 Usage:
     from nanochat.mamba import Mamba2
-    m = Mamba2(d_model=768)
+    m = Mamba2(d_model=768)                    # impl="auto" (or torch / triton), scan_op, recompute: see configure()
+    print(m.describe())                        # how its scan runs: implementation, custom op, recompute
     y = m(u)                                   # (B, T, d_model) -> (B, T, d_model), training / full sequence
     conv_state, ssm_state = m.allocate_inference_state(B, device)
     st = types.SimpleNamespace(conv_state=conv_state, ssm_state=ssm_state)
@@ -37,10 +41,12 @@ import warnings
 import types
 import importlib
 import importlib.util
+import importlib.metadata
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # The SSD scan in PyTorch
@@ -261,35 +267,50 @@ def triton_available():
     return ok, ("" if ok else _TRITON_ERROR)
 
 
-def resolve_impl(device, dtype=torch.float32):
-    """Which implementation NANOCHAT_MAMBA_IMPL selects for a tensor on `device`: "torch" or "triton"."""
-    impl = os.environ.get("NANOCHAT_MAMBA_IMPL", "auto").strip().lower() or "auto"
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"NANOCHAT_MAMBA_IMPL={impl!r}: expected one of auto, torch, triton")
+IMPLS = ("auto", "torch", "triton")
+MODES = ("auto", "0", "1")
+
+
+def _choice(value, allowed, env_var, what):
+    """A build-time option: value if given, else the environment variable (read here, once per build), else auto."""
+    where = what
+    if value is None:
+        value, where = os.environ.get(env_var, "auto"), env_var
+    value = str(value).strip().lower() or "auto"
+    if value not in allowed:
+        raise ValueError(f"{where}={value!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
+def resolve_impl(impl=None):
+    """
+    The scan implementation a layer built with impl=auto|torch|triton (None: NANOCHAT_MAMBA_IMPL, default auto)
+    uses: "torch" or "triton". auto takes triton when mamba-ssm's kernels load here, else torch; an explicit
+    triton that cannot be honoured (no CUDA, no mamba-ssm, no triton) raises RuntimeError saying why.
+    """
+    impl = _choice(impl, IMPLS, "NANOCHAT_MAMBA_IMPL", "impl")
     if impl == "torch":
         return "torch"
-    device = torch.device(device)
-    if device.type != "cuda":
-        if impl == "triton":
-            raise RuntimeError(f"NANOCHAT_MAMBA_IMPL=triton, but the input is on {device.type}: mamba-ssm's Triton "
-                               f"kernels need a CUDA tensor. Use NANOCHAT_MAMBA_IMPL=torch (or auto) here.")
-        return "torch"
     ok, reason = triton_available()
-    if impl == "triton":
-        if not ok:
-            raise RuntimeError(f"NANOCHAT_MAMBA_IMPL=triton, but mamba-ssm's Triton kernels are unavailable ({reason}). "
-                               f"Use NANOCHAT_MAMBA_IMPL=torch (or auto).")
-        if dtype == torch.float64:
-            raise RuntimeError("NANOCHAT_MAMBA_IMPL=triton does not support float64 inputs; use NANOCHAT_MAMBA_IMPL=torch")
-        return "triton"
-    return "triton" if ok and dtype != torch.float64 else "torch"
+    if impl == "triton" and not ok:
+        raise RuntimeError(f"Mamba2: impl=triton (NANOCHAT_MAMBA_IMPL or the impl argument) was asked for, but "
+                           f"mamba-ssm's Triton kernels are unavailable here ({reason}). Use impl=torch or auto.")
+    return "triton" if ok else "torch"
+
+
+def _mamba_ssm_version():
+    try:
+        return importlib.metadata.version("mamba-ssm")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH has no metadata
+        return "source"
 
 
 # -----------------------------------------------------------------------------
 # dispatch: Inductor never traces the scan or the decode step (it crashed compiling the cumsum-based chunked SSD
 # on an H100 with torch 2.11; the Triton call is opaque to it anyway). Prefill with states, the decode step and,
-# with NANOCHAT_MAMBA_SCAN_OP=0, the training scan run under compiler.disable; otherwise the state-free training
-# scan is the custom op further down. The projections, conv and norm around them still compile.
+# with scan_op=0, the training scan run under compiler.disable; otherwise the state-free training scan is the
+# custom op further down. The projections, conv and norm around them still compile. Which path a call takes is
+# the layer's build-time choice (Mamba2.impl), passed down as the `triton` flag: nothing here reads the environment.
 
 
 # Calls the Triton scan could not launch, by (dtypes, sizes, chunk): they go to the torch path from then on.
@@ -300,28 +321,44 @@ def resolve_impl(device, dtype=torch.float32):
 # So the config the timing race picks on the first call need not fit a later one (other dtypes, or a prompt
 # length that Triton specializes differently: it compiles per argument alignment). The key below leaves the
 # sequence length out on purpose: after one failure every call of those dtypes and sizes takes the torch scan,
-# which computes the same thing (tests, and benchmarks/check_mamba_triton.py), slower.
+# which computes the same thing (tests, and benchmarks/check_mamba_triton.py), slower. The direct call (_scan),
+# the custom op's forward and its backward share the keys: a failure in any of them moves all three to torch, so
+# an op's forward and backward never mix the two paths after the failure.
 _TRITON_SCAN_FAILED = {}
 
 
+def _triton_key(x, B, initial_state, chunk_size):
+    return (x.dtype, B.dtype, None if initial_state is None else initial_state.dtype, tuple(x.shape[-2:]),
+            tuple(B.shape[-2:]), chunk_size)
+
+
+def _try_triton(key, launch, what):
+    """launch() unless `key` failed before; None (and the key recorded, one warning) on OutOfResources."""
+    if key in _TRITON_SCAN_FAILED:
+        return None
+    try:
+        return launch()
+    except Exception as e:
+        if type(e).__name__ != "OutOfResources":  # triton.runtime.errors.OutOfResources; triton may be absent
+            raise
+        _TRITON_SCAN_FAILED[key] = str(e)
+        warnings.warn(f"mamba-ssm's Triton chunk scan ({what}) could not launch for (x, B, initial state dtypes, "
+                      f"x/B trailing sizes, chunk) = {key}: {e}. This call and later ones like it use the "
+                      f"torch scan (same result, slower).")
+        return None
+
+
 @torch.compiler.disable
-def _scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None):
-    """(y, final_state) of the chunked scan; dt_raw is in_proj's dt before softplus(dt + dt_bias)."""
-    wide = initial_state is not None and initial_state.dtype == torch.float64
-    if resolve_impl(x.device, torch.float64 if wide else x.dtype) == "triton":
-        key = (x.dtype, B.dtype, None if initial_state is None else initial_state.dtype, tuple(x.shape[-2:]),
-               tuple(B.shape[-2:]), chunk_size)
-        if key not in _TRITON_SCAN_FAILED:
-            try:
-                return _triton_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state)
-            except Exception as e:
-                if type(e).__name__ != "OutOfResources":  # triton.runtime.errors.OutOfResources; triton may be absent
-                    raise
-                _TRITON_SCAN_FAILED[key] = str(e)
-                warnings.warn(f"mamba-ssm's Triton chunk scan could not launch for (x, B, initial state dtypes, "
-                              f"x/B trailing sizes, chunk) = {key}: {e}. This call and later ones like it use the "
-                              f"torch scan (same result, slower).")
-    return _torch_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state)
+def _scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state=None, triton=False, recompute="auto"):
+    """(y, final_state) of the chunked scan; dt_raw is in_proj's dt before softplus(dt + dt_bias).
+    triton: use mamba-ssm's kernel (the layer decided); recompute: the torch scan's auto|0|1 (see _recompute_scan)."""
+    if triton:
+        out = _try_triton(_triton_key(x, B, initial_state, chunk_size),
+                          lambda: _triton_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state),
+                          "direct call")
+        if out is not None:
+            return out
+    return _torch_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state, recompute)
 
 
 def _triton_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state):
@@ -333,12 +370,11 @@ def _triton_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_s
     return out if initial_state is not None else (out, None)
 
 
-def _torch_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state):
-    if _recompute_scan(x):
+def _torch_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state, recompute="auto"):
+    if _recompute_scan(x, recompute):
         # the chunk matrices (several (Q, Q) per head and chunk, fp32) dominate training memory: keep only the
         # scan's inputs and recompute the rest in backward (measured: the torch path OOMed at batch 16 x 2048 on
         # an 80 GB H100 without this, benchmarks/RESULTS.md)
-        from torch.utils.checkpoint import checkpoint
         return checkpoint(_discretized_scan, x, dt_raw, A, B, C, D, dt_bias, tuple(dt_limit), chunk_size,
                           initial_state, use_reentrant=False)
     return _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, initial_state)
@@ -349,12 +385,10 @@ def _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, init
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
 
-def _recompute_scan(x):
-    """NANOCHAT_MAMBA_RECOMPUTE=auto|0|1: recompute the torch scan's intermediates in backward instead of
-    storing them. auto = on for CUDA tensors (where memory binds), off on CPU. Only when gradients flow."""
-    mode = os.environ.get("NANOCHAT_MAMBA_RECOMPUTE", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"NANOCHAT_MAMBA_RECOMPUTE={mode!r}: expected auto, 0 or 1")
+def _recompute_scan(x, mode):
+    """recompute=auto|0|1 (the layer's, default NANOCHAT_MAMBA_RECOMPUTE): recompute the torch scan's
+    intermediates in backward instead of storing them. auto = on for CUDA tensors (where memory binds), off on
+    CPU. Only when gradients flow."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return False
     return mode == "1" or (mode == "auto" and x.is_cuda)
@@ -365,50 +399,52 @@ def _recompute_scan(x):
 # treats a custom op as one opaque node with a known output shape, so the compiled graph runs through every M
 # layer instead of breaking at each compiler.disable'd call (measured on an H200 in one run, d12 at seq 2048: the
 # compiled 1-in-4 hybrid trains at 0.96x all-T's tokens/s this way, 0.67x with the breaks; benchmarks/RESULTS.md).
-# The forward keeps only the scan's inputs and
-# output; the backward recomputes what it needs: mamba-ssm's own backward on the Triton path, and on the torch
-# path a torch.func.vjp of the chunked scan (autograd proper is switched off inside an op's implementation).
-# Only the state-free (training) call goes through it; prefill with states keeps _scan.
-
-
-def _use_scan_op():
-    """NANOCHAT_MAMBA_SCAN_OP=auto|0|1. auto = on under torch.compile, off eagerly (where there is no graph to
-    break, and the torch path's stored-intermediates backward is faster on CPU)."""
-    mode = os.environ.get("NANOCHAT_MAMBA_SCAN_OP", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"NANOCHAT_MAMBA_SCAN_OP={mode!r}: expected auto, 0 or 1")
-    return mode == "1" or (mode == "auto" and torch.compiler.is_compiling())
+# The forward keeps only the scan's inputs and output; the backward recomputes what it needs: mamba-ssm's own
+# backward on the Triton path, and on the torch path a torch.func.vjp of the chunked scan (autograd proper is
+# switched off inside an op's implementation). Only the state-free (training) call goes through it; prefill with
+# states keeps _scan. `triton` is the layer's choice; an OutOfResources in either op sends that key (and so both
+# ops) to the torch path from then on, the same way as the direct call.
 
 
 @torch.library.custom_op("nanochat::ssd_scan", mutates_args=())
 def ssd_scan_op(x: torch.Tensor, dt_raw: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                D: torch.Tensor, dt_bias: torch.Tensor, dt_min: float, dt_max: float, chunk_size: int) -> torch.Tensor:
+                D: torch.Tensor, dt_bias: torch.Tensor, dt_min: float, dt_max: float, chunk_size: int,
+                triton: bool = False) -> torch.Tensor:
     """y (b, l, h, p) in x's dtype, contiguous, of the state-free chunked scan (dt_raw before softplus(dt + dt_bias))."""
-    if resolve_impl(x.device, x.dtype) == "triton":
+    out = None
+    if triton:
         fwd = _load_triton_ops()[2]
-        out = fwd(x, dt_raw, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=(dt_min, dt_max))[0]
-    else:
+        out = _try_triton(_triton_key(x, B, None, chunk_size),
+                          lambda: fwd(x, dt_raw, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                      dt_limit=(dt_min, dt_max))[0],
+                          "custom op forward")
+    if out is None:
         out = _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, (dt_min, dt_max), chunk_size, None)[0]
     return out.to(x.dtype).contiguous()
 
 
 @ssd_scan_op.register_fake
-def _ssd_scan_fake(x, dt_raw, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size):
+def _ssd_scan_fake(x, dt_raw, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size, triton=False):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("nanochat::ssd_scan_bwd", mutates_args=())
 def ssd_scan_bwd_op(dout: torch.Tensor, x: torch.Tensor, dt_raw: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                     C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, out: torch.Tensor, dt_min: float,
-                    dt_max: float, chunk_size: int) -> list[torch.Tensor]:
+                    dt_max: float, chunk_size: int, triton: bool = False) -> list[torch.Tensor]:
     """Gradients of ssd_scan_op's output with respect to (x, dt_raw, A, B, C, D, dt_bias), in their dtypes."""
     inputs = (x, dt_raw, A, B, C, D, dt_bias)
-    if resolve_impl(x.device, x.dtype) == "triton":
+    grads = None
+    if triton:
         bwd = _load_triton_ops()[3]
-        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = bwd(dout, x, dt_raw, A, B, C, out, chunk_size, D=D, dt_bias=dt_bias,
-                                                      dt_softplus=True, dt_limit=(dt_min, dt_max))
-        grads = (dx, ddt, dA, dB, dC, dD, ddt_bias)
-    else:
+        res = _try_triton(_triton_key(x, B, None, chunk_size),
+                          lambda: bwd(dout, x, dt_raw, A, B, C, out, chunk_size, D=D, dt_bias=dt_bias,
+                                      dt_softplus=True, dt_limit=(dt_min, dt_max)),
+                          "custom op backward")
+        if res is not None:
+            dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = res
+            grads = (dx, ddt, dA, dB, dC, dD, ddt_bias)
+    if grads is None:
         scan = lambda *t: _discretized_scan(*t, (dt_min, dt_max), chunk_size, None)[0]
         _, vjp = torch.func.vjp(scan, *inputs)
         grads = vjp(dout.to(out.dtype))
@@ -416,30 +452,30 @@ def ssd_scan_bwd_op(dout: torch.Tensor, x: torch.Tensor, dt_raw: torch.Tensor, A
 
 
 @ssd_scan_bwd_op.register_fake
-def _ssd_scan_bwd_fake(dout, x, dt_raw, A, B, C, D, dt_bias, out, dt_min, dt_max, chunk_size):
+def _ssd_scan_bwd_fake(dout, x, dt_raw, A, B, C, D, dt_bias, out, dt_min, dt_max, chunk_size, triton=False):
     return [t.new_empty(t.shape) for t in (x, dt_raw, A, B, C, D, dt_bias)]
 
 
 def _ssd_scan_setup_context(ctx, inputs, output):
-    x, dt_raw, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size = inputs
+    x, dt_raw, A, B, C, D, dt_bias, dt_min, dt_max, chunk_size, triton = inputs
     ctx.save_for_backward(x, dt_raw, A, B, C, D, dt_bias, output)
-    ctx.args = (dt_min, dt_max, chunk_size)
+    ctx.args = (dt_min, dt_max, chunk_size, triton)
 
 
 def _ssd_scan_backward(ctx, dout):
     grads = ssd_scan_bwd_op(dout.contiguous(), *ctx.saved_tensors, *ctx.args)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 ssd_scan_op.register_autograd(_ssd_scan_backward, setup_context=_ssd_scan_setup_context)
 
 
 @torch.compiler.disable
-def _ssm_step(ssm_state, x, dt_raw, A, B, C, D, dt_bias, dt_limit):
+def _ssm_step(ssm_state, x, dt_raw, A, B, C, D, dt_bias, dt_limit, triton=False):
     """One recurrent step. x (b, h, p), dt_raw (b, h), B/C (b, g, n); updates ssm_state in place; y (b, h, p)."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    if resolve_impl(x.device, torch.float64 if ssm_state.dtype == torch.float64 else x.dtype) == "triton":
+    if triton:
         selective_state_update = _load_triton_ops()[1]
         if tuple(dt_limit) == (0.0, float("inf")):
             dt, bias, softplus = dt_raw, dt_bias, True
@@ -524,7 +560,7 @@ class Mamba2(nn.Module):
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
                  A_init_range=(1, 16), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")),
-                 layer_idx=None, device=None, dtype=None):
+                 layer_idx=None, device=None, dtype=None, impl=None, scan_op=None, recompute=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -550,6 +586,54 @@ class Mamba2(nn.Module):
         self.norm = RMSNormGated(self.d_inner, group_size=self.d_inner // ngroups, eps=1e-5, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
         self.reset_parameters()
+        # how the scan runs: decided here, once (None: the NANOCHAT_MAMBA_* environment variables, read now)
+        self.impl_requested = self.impl = self.scan_op = self.recompute = None
+        self.configure(impl=_choice(impl, IMPLS, "NANOCHAT_MAMBA_IMPL", "impl"),
+                       scan_op=_choice(scan_op, MODES, "NANOCHAT_MAMBA_SCAN_OP", "scan_op"),
+                       recompute=_choice(recompute, MODES, "NANOCHAT_MAMBA_RECOMPUTE", "recompute"))
+
+    def configure(self, impl=None, scan_op=None, recompute=None):
+        """
+        Set how the scan runs; arguments left None keep their value. impl=auto|torch|triton (see resolve_impl: an
+        explicit triton that cannot run here raises RuntimeError); scan_op=auto|0|1: the state-free scan through
+        the nanochat::ssd_scan custom op (auto = under torch.compile only); recompute=auto|0|1: the torch scan
+        recomputes its chunk matrices in backward (auto = for CUDA tensors). Returns self.
+        """
+        if impl is not None:
+            requested = _choice(impl, IMPLS, None, "impl")
+            self.impl = resolve_impl(requested)
+            self.impl_requested = requested
+        if scan_op is not None:
+            self.scan_op = _choice(scan_op, MODES, None, "scan_op")
+        if recompute is not None:
+            self.recompute = _choice(recompute, MODES, None, "recompute")
+        return self
+
+    def describe(self):
+        """One line saying how the scan runs (GPT prints it once per model build)."""
+        if self.impl == "triton":
+            what = f"triton scan (mamba-ssm {_mamba_ssm_version()})"
+            if self.impl_requested == "auto":
+                what += " for CUDA tensors (torch scan for CPU/float64 ones)"
+        elif self.impl_requested == "auto":
+            what = f"torch scan (mamba-ssm's Triton kernels unavailable: {triton_available()[1]})"
+        else:
+            what = "torch scan (asked for)"
+        op = {"auto": "scan op under torch.compile", "1": "scan op always", "0": "graph break at the scan under torch.compile"}
+        rec = {"auto": "on CUDA", "1": "always", "0": "never"}
+        return f"{what}, {op[self.scan_op]}, torch-scan recompute in backward {rec[self.recompute]}"
+
+    def _use_triton(self, dtype, device):
+        """Whether a call on tensors of this dtype/device takes the Triton kernels (a property of the tensors and
+        of the build-time choice; no environment read)."""
+        if self.impl != "triton":
+            return False
+        if device.type == "cuda" and dtype != torch.float64:
+            return True
+        if self.impl_requested == "triton":
+            raise RuntimeError(f"Mamba2 layer {self.layer_idx}: impl=triton needs CUDA tensors that are not float64, "
+                               f"got {dtype} on {device.type}; build the layer with impl=torch or auto")
+        return False
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -616,11 +700,16 @@ class Mamba2(nn.Module):
             x, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
             x, Bm, Cm = x.unflatten(-1, (self.nheads, self.headdim)), Bm.unflatten(-1, (self.ngroups, self.d_state)), \
                 Cm.unflatten(-1, (self.ngroups, self.d_state))
-            if state is None and _use_scan_op():
-                y = ssd_scan_op(x, dt, A, Bm, Cm, self.D, self.dt_bias, *map(float, self.dt_limit), self.chunk_size)
+            # the Triton kernels take the state in fp32; a float64 state (tests) keeps the whole call on torch
+            wide = state is not None and ssm_state.dtype == torch.float64
+            triton = self._use_triton(torch.float64 if wide else x.dtype, x.device)
+            if state is None and (self.scan_op == "1" or (self.scan_op == "auto" and torch.compiler.is_compiling())):
+                y = ssd_scan_op(x, dt, A, Bm, Cm, self.D, self.dt_bias, *map(float, self.dt_limit), self.chunk_size,
+                                triton)
             else:
                 y, final_state = _scan(x, dt, A, Bm, Cm, self.D, self.dt_bias, self.dt_limit, self.chunk_size,
-                                       initial_state=None if state is None else ssm_state)
+                                       initial_state=None if state is None else ssm_state, triton=triton,
+                                       recompute=self.recompute)
             if state is not None:
                 with torch.no_grad():
                     conv_state.copy_(history[..., -self.d_conv:])  # last d_conv inputs, oldest first (zero-padded)
@@ -639,7 +728,8 @@ class Mamba2(nn.Module):
         w = self.conv1d.weight.squeeze(1).to(conv_state.dtype)  # (conv_dim, d_conv)
         xBC = F.silu((window * w).sum(-1) + self.conv1d.bias.to(conv_state.dtype)).to(dtype)
         x, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        triton = self._use_triton(torch.float64 if ssm_state.dtype == torch.float64 else x.dtype, x.device)
         y = _ssm_step(ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
                       Bm.unflatten(-1, (self.ngroups, self.d_state)), Cm.unflatten(-1, (self.ngroups, self.d_state)),
-                      self.D, self.dt_bias, self.dt_limit)
+                      self.D, self.dt_bias, self.dt_limit, triton)
         return y.flatten(-2)

@@ -1,4 +1,9 @@
-"""Tests for nanochat/gpt.py: config validation, gradients, optimizer groups, FLOPs accounting, compile."""
+"""
+Tests for nanochat/gpt.py: config validation, gradients, optimizer groups, FLOPs accounting, activation
+checkpointing, rotary length, compile.
+
+    python -m pytest -q tests/test_gpt.py
+"""
 
 import pytest
 import torch
@@ -19,6 +24,13 @@ def make_model(pattern, seed=0, **kw):
     torch.manual_seed(seed)
     model = GPT(tiny_config(pattern, **kw))
     model.init_weights()
+    return model
+
+
+def perturbed(model):
+    with torch.no_grad():  # init zeroes lm_head and the output projections: perturb everything so every path counts
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     return model
 
 
@@ -141,10 +153,7 @@ def test_ignore_index_and_reduction():
 
 
 def test_state_dict_round_trip(tmp_path):
-    model = make_model("TMM")
-    with torch.no_grad():  # init zeroes lm_head and the output projections: perturb everything so logits differ
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(make_model("TMM"))  # so that the logits of two models differ
     path = tmp_path / "m.pt"
     torch.save(model.state_dict(), path)
     other = make_model("TMM", seed=1)
@@ -166,6 +175,75 @@ def test_estimate_flops_counts_attention_and_ssd():
                                 cfg.mamba_ngroups, cfg.mamba_chunk_size)
     assert ssd > 0
     assert m.estimate_flops() == 6 * nonembed(m) + 2 * 3 * ssd
+
+
+def saved_bytes_and_grads(model, fn, idx):
+    """Bytes autograd saves for backward outside checkpointed regions, the loss, and the gradients of one step."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(idx, idx.roll(-1, 1))
+    loss.backward()
+    return saved[0], loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pattern", ["TT", "MM", "TM", "MMMT"])
+def test_activation_checkpointing_same_gradients(pattern):
+    # blocks in float64 (the head's logits are float32 by design): the recomputed forward is the same computation,
+    # so the gradients agree to rounding
+    model = perturbed(make_model(pattern)).double()
+    idx = torch.randint(0, 97, (2, 40))  # 40: five Mamba chunks of 8
+    saved_plain, loss_plain, g_plain = saved_bytes_and_grads(model, model, idx)
+    assert model.set_activation_checkpointing(True) is model
+    saved_ckpt, loss_ckpt, g_ckpt = saved_bytes_and_grads(model, model, idx)
+    assert loss_plain.item() == loss_ckpt.item()
+    for n, g in g_plain.items():
+        assert g.abs().sum() > 0, n
+        assert torch.allclose(g_ckpt[n], g, rtol=1e-10, atol=1e-13), (n, (g_ckpt[n] - g).abs().max().item())
+    # the blocks' activations are not kept: only block inputs, the embedding and the head's are
+    assert saved_ckpt < saved_plain / 3, (saved_ckpt, saved_plain)
+    with torch.no_grad():  # inference ignores the setting
+        assert torch.equal(model(idx), model.set_activation_checkpointing(False)(idx))
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_compile():
+    # dynamo traces the checkpointed blocks whole (fullgraph: no graph break, so the Mamba scan runs as the
+    # nanochat::ssd_scan custom op inside the checkpointed region) and AOT autograd recomputes them in backward:
+    # the compiled step saves fewer bytes than the compiled step without checkpointing, with the eager gradients.
+    # aot_eager runs the same dynamo + AOT autograd partitioning as Inductor without code generation (seconds, not
+    # minutes on 2 cores); the Inductor whole-model compile is test_whole_model_torch_compile_matches_eager.
+    model = perturbed(make_model("TM"))
+    idx = torch.randint(0, 97, (2, 24))
+    _, loss_eager, g_eager = saved_bytes_and_grads(model, model, idx)
+    saved = {}
+    for enabled in (False, True):
+        torch._dynamo.reset()
+        model.set_activation_checkpointing(enabled)
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
+        saved[enabled], loss, grads = saved_bytes_and_grads(model, compiled, idx)
+        assert abs(loss.item() - loss_eager.item()) < 1e-5
+        for n, g in g_eager.items():
+            assert torch.allclose(grads[n], g, atol=1e-6, rtol=1e-5), (enabled, n)
+    assert saved[True] < 0.75 * saved[False], saved
+
+
+def test_rotary_table_grows_past_ten_times_sequence_len():
+    # fine-tuning at a longer --max-seq-len than the base was built with (a 2K base at 32K rows exceeds the 10x
+    # table): the tables grow instead of failing, and give what a model built for that length computes
+    short = perturbed(make_model("TM", sequence_len=4))
+    assert short.rotary_seq_len == 40
+    long = make_model("TM", sequence_len=64)
+    long.load_state_dict(short.state_dict())
+    idx = torch.randint(0, 97, (1, 100))
+    assert torch.equal(short(idx), long(idx))
+    assert short.rotary_seq_len >= 100 and short.cos.size(1) == short.rotary_seq_len
+    assert short.cos.dtype == long.cos.dtype and torch.equal(short.cos[:, :100], long.cos[:, :100])
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import nanochat.mamba as mamba_mod
 from nanochat.mamba import (Mamba2, ssd_chunked, ssd_sequential, mamba_flops_per_token, resolve_impl, causal_conv_silu,
                             ssd_scan_op, _discretized_scan)
 
@@ -281,18 +282,20 @@ def _saved_bytes_and_grads(m, u):
 def test_recompute_scan_same_gradients_less_saved(monkeypatch):
     m = tiny_mamba(torch.float32, ngroups=2)
     u = torch.randn(2, 64, 32)
-    monkeypatch.setenv("NANOCHAT_MAMBA_RECOMPUTE", "0")
-    stored, g_stored = _saved_bytes_and_grads(m, u)
-    monkeypatch.setenv("NANOCHAT_MAMBA_RECOMPUTE", "1")
-    recomputed, g_recomputed = _saved_bytes_and_grads(m, u)
+    stored, g_stored = _saved_bytes_and_grads(m.configure(recompute="0"), u)
+    recomputed, g_recomputed = _saved_bytes_and_grads(m.configure(recompute="1"), u)
     for n in g_stored:
         assert torch.allclose(g_stored[n], g_recomputed[n], rtol=1e-5, atol=1e-7), n
     assert recomputed < stored / 2, (recomputed, stored)  # the (Q, Q) chunk matrices are not kept
     with torch.no_grad():  # inference never checkpoints
         torch.testing.assert_close(m(u), m(u))
+    with pytest.raises(ValueError, match="recompute='maybe'"):
+        m.configure(recompute="maybe")
+    monkeypatch.setenv("NANOCHAT_MAMBA_RECOMPUTE", "1")  # the environment sets the default, at build time
+    assert tiny_mamba(torch.float32).recompute == "1"
     monkeypatch.setenv("NANOCHAT_MAMBA_RECOMPUTE", "maybe")
     with pytest.raises(ValueError, match="NANOCHAT_MAMBA_RECOMPUTE='maybe'"):
-        m(u.requires_grad_())
+        tiny_mamba(torch.float32)
 
 
 def test_layer_bf16_autocast_close_to_fp32():
@@ -385,61 +388,153 @@ def test_state_dict_against_mamba_ssm_module():
 # implementation selection
 
 
-def test_impl_env_var(monkeypatch):
-    m = tiny_mamba(torch.float32)
+def test_impl_chosen_once_at_build(monkeypatch, capsys):
+    # the implementation is decided when the layer is built (argument, or NANOCHAT_MAMBA_IMPL read then), never per
+    # forward; an explicit triton that cannot run here is an error at build time, not a silent torch fallback
+    monkeypatch.setattr(mamba_mod, "triton_available", lambda: (False, "RuntimeError: no CUDA (test)"))  # any machine
     u = torch.randn(1, 6, 32)
     monkeypatch.setenv("NANOCHAT_MAMBA_IMPL", "torch")
-    assert resolve_impl("cpu") == "torch"
+    assert resolve_impl() == "torch" and resolve_impl("auto") == "torch"  # kernels unavailable: auto -> torch
+    m = tiny_mamba(torch.float32)
+    assert (m.impl, m.impl_requested) == ("torch", "torch")
     y_torch = m(u)
-    monkeypatch.setenv("NANOCHAT_MAMBA_IMPL", "auto")
-    assert resolve_impl("cpu") == "torch"
-    assert torch.equal(m(u), y_torch)
+    for value in ("triton", "cuda"):  # changing the environment after the build changes nothing
+        monkeypatch.setenv("NANOCHAT_MAMBA_IMPL", value)
+        assert torch.equal(m(u), y_torch)
+        assert torch.equal(m(u[:, :1], state=new_state(m, 1)), m(u[:, :1], state=new_state(m, 1)))
     monkeypatch.setenv("NANOCHAT_MAMBA_IMPL", "triton")
-    with pytest.raises(RuntimeError, match="NANOCHAT_MAMBA_IMPL=triton.*CUDA"):
-        m(u)
-    with pytest.raises(RuntimeError, match="NANOCHAT_MAMBA_IMPL=triton"):
-        m(u[:, :1], state=new_state(m, 1))
+    with pytest.raises(RuntimeError, match=r"impl=triton .*unavailable here \(RuntimeError: no CUDA \(test\)\)"):
+        tiny_mamba(torch.float32)
+    monkeypatch.delenv("NANOCHAT_MAMBA_IMPL")
+    with pytest.raises(RuntimeError, match="impl=triton"):
+        tiny_mamba(torch.float32, impl="triton")
+    with pytest.raises(ValueError, match="impl='cuda': expected one of auto, torch, triton"):
+        tiny_mamba(torch.float32, impl="cuda")
     monkeypatch.setenv("NANOCHAT_MAMBA_IMPL", "cuda")
-    with pytest.raises(ValueError, match="auto, torch, triton"):
-        m(u)
+    with pytest.raises(ValueError, match="NANOCHAT_MAMBA_IMPL='cuda'"):
+        tiny_mamba(torch.float32)
+    monkeypatch.delenv("NANOCHAT_MAMBA_IMPL")
+    auto = tiny_mamba(torch.float32)
+    assert (auto.impl, auto.impl_requested) == ("torch", "auto")
+    assert auto.describe().startswith("torch scan (mamba-ssm's Triton kernels unavailable: RuntimeError: no CUDA")
+    assert "scan op under torch.compile" in auto.describe()
+    # the GPT prints the choice once per build
+    from nanochat.gpt import GPT, GPTConfig
+    capsys.readouterr()
+    GPT(GPTConfig(n_layer=3, n_embd=32, n_head=2, n_kv_head=2, vocab_size=11, block_pattern="MTM", mamba_d_state=8,
+                  mamba_headdim=8), mamba_impl="torch")
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("mamba:")]
+    assert lines == ["mamba: torch scan (asked for), scan op under torch.compile, torch-scan recompute in backward on CUDA"]
+
+
+def test_triton_layer_refuses_cpu_tensors(monkeypatch):
+    # a layer built for the Triton kernels (here: pretending they load) takes CUDA tensors; asked for explicitly, a
+    # CPU or float64 tensor is an error, while auto sends it to the torch scan (the kernels cannot take it)
+    monkeypatch.setattr(mamba_mod, "triton_available", lambda: (True, ""))
+    u = torch.randn(1, 6, 32)
+    strict = tiny_mamba(torch.float32, impl="triton")
+    with pytest.raises(RuntimeError, match="impl=triton needs CUDA tensors"):
+        strict(u)
+    with pytest.raises(RuntimeError, match="impl=triton needs CUDA tensors"):
+        strict(u[:, :1], state=new_state(strict, 1))
+    auto = tiny_mamba(torch.float32)
+    assert auto.impl == "triton" and auto.describe().startswith("triton scan (mamba-ssm ")
+    assert torch.equal(auto(u), tiny_mamba(torch.float32, impl="torch")(u))
+
+
+def _oor_stand_ins(fail_fwd, fail_bwd):
+    """mamba-ssm's (direct scan, decode step, op forward, op backward) replaced by torch-computing stand-ins that raise
+    an exception called OutOfResources (what _try_triton checks) where asked; calls are counted."""
+    OutOfResources = type("OutOfResources", (Exception,), {})
+    calls = {"scan": 0, "fwd": 0, "bwd": 0}
+    msg = "out of resource: shared memory, Required: 279552, Hardware limit: 232448"
+
+    def scan(x, dt_raw, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=True,
+             return_final_states=False, dt_limit=(0.0, math.inf)):
+        calls["scan"] += 1
+        raise OutOfResources(msg)
+
+    def fwd(x, dt_raw, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf)):
+        calls["fwd"] += 1
+        if fail_fwd:
+            raise OutOfResources(msg)
+        out = _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, dt_limit, chunk_size, None)[0]
+        return out, None, None, None, None, None
+
+    def bwd(dout, x, dt_raw, A, B, C, out, chunk_size, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf)):
+        calls["bwd"] += 1
+        raise OutOfResources(msg) if fail_bwd else AssertionError("the stand-in backward only fails")
+
+    return (scan, None, fwd, bwd), calls
 
 
 def test_triton_scan_out_of_resources_falls_back_to_torch(monkeypatch):
     # mamba-ssm's autotuned scan can pick a config that needs more shared memory than the GPU has (seen on an
     # H200, nanochat/mamba.py): that call and later ones of the same dtypes/sizes run the torch scan instead,
     # with one warning; any other error from the kernel still propagates
-    import nanochat.mamba as mamba_mod
-    OutOfResources = type("OutOfResources", (Exception,), {})  # the class name is what _scan checks
-    calls = []
-
-    def fake_chunk_scan(*args, **kwargs):
-        calls.append(args[0].shape)
-        raise OutOfResources("out of resource: shared memory, Required: 279552, Hardware limit: 232448")
-
-    monkeypatch.setattr(mamba_mod, "resolve_impl", lambda device, dtype=None: "triton")
-    monkeypatch.setattr(mamba_mod, "_load_triton_ops", lambda: (fake_chunk_scan, None, None, None))
+    ops, calls = _oor_stand_ins(fail_fwd=True, fail_bwd=True)
+    monkeypatch.setattr(mamba_mod, "_load_triton_ops", lambda: ops)
     monkeypatch.setattr(mamba_mod, "_TRITON_SCAN_FAILED", {})
     x, dt, A, B, C, D, h0 = random_scan_inputs(2, 19, 4, 3, 2, 5)
     dt_raw, dt_bias = torch.log(torch.expm1(dt)) - 0.1, torch.full((4,), 0.1, dtype=F64)
     ref = _discretized_scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0)
     with pytest.warns(UserWarning, match="could not launch.*use the torch scan"):
-        y, state = mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0)
-    assert max_err(y, ref[0]) == 0 and max_err(state, ref[1]) == 0 and len(calls) == 1
+        y, state = mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0, triton=True)
+    assert max_err(y, ref[0]) == 0 and max_err(state, ref[1]) == 0 and calls["scan"] == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning, and the kernel is not tried again for this key
-        y2, _ = mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0)
-    assert max_err(y2, ref[0]) == 0 and len(calls) == 1
+        y2, _ = mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, h0, triton=True)
+    assert max_err(y2, ref[0]) == 0 and calls["scan"] == 1
     # another dtype mix is a new key: tried again
     with pytest.warns(UserWarning):
-        mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, None)
-    assert len(calls) == 2
+        mamba_mod._scan(x, dt_raw, A, B, C, D, dt_bias, (0.0, math.inf), 8, None, triton=True)
+    assert calls["scan"] == 2
 
     def broken(*args, **kwargs):
         raise RuntimeError("a real bug")
-    monkeypatch.setattr(mamba_mod, "_load_triton_ops", lambda: (broken, None, None, None))
+    monkeypatch.setattr(mamba_mod, "_load_triton_ops", lambda: (broken, None, broken, broken))
     with pytest.raises(RuntimeError, match="a real bug"):
         mamba_mod._scan(x.float(), dt_raw.float(), A.float(), B.float(), C.float(), D.float(), dt_bias.float(),
-                        (0.0, math.inf), 8, None)
+                        (0.0, math.inf), 8, None, triton=True)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        ssd_scan_op(x.float(), dt_raw.float(), A.float(), B.float(), C.float(), D.float(), dt_bias.float(), 0.0,
+                    math.inf, 8, True)
+
+
+@pytest.mark.parametrize("fail_fwd", [True, False])
+def test_scan_op_out_of_resources_falls_back_under_compile(monkeypatch, fail_fwd):
+    # the custom-op path (what torch.compile runs) falls back too, and its forward and backward switch together:
+    # fail_fwd: the op's forward cannot launch -> torch forward, and the backward of that call and every later call
+    # of the key are torch too (the Triton backward is never tried); else the forward launches and the backward
+    # cannot -> torch backward, and from then on the forward of that key is torch as well
+    ops, calls = _oor_stand_ins(fail_fwd=fail_fwd, fail_bwd=True)
+    monkeypatch.setattr(mamba_mod, "_load_triton_ops", lambda: ops)
+    monkeypatch.setattr(mamba_mod, "_TRITON_SCAN_FAILED", {})
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = TinyNet()
+    u = torch.randn(2, 19, 32)
+    y_eager = net(u)  # the torch path, eager (the layer's impl is torch on this machine)
+    y_eager.square().sum().backward()
+    grads_eager = {k: p.grad.clone() for k, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    # now the layer takes the Triton branch for its CPU tensors (stand-in kernels above)
+    monkeypatch.setattr(Mamba2, "_use_triton", lambda self, dtype, device: True)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")  # fullgraph: the scan is the op in the graph
+    with pytest.warns(UserWarning, match=f"custom op {'forward' if fail_fwd else 'backward'}.*could not launch"):
+        y = compiled(u)
+        y.square().sum().backward()
+    assert calls == {"scan": 0, "fwd": 1, "bwd": 0 if fail_fwd else 1}
+    assert max_err(y, y_eager) <= 1e-6
+    for k, p in net.named_parameters():
+        assert max_err(p.grad, grads_eager[k]) <= 1e-5 * max(1.0, grads_eager[k].abs().max().item()), k
+    net.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the key is known now: no new warning, no Triton call, same numbers
+        y = compiled(u)
+        y.square().sum().backward()
+    assert calls == {"scan": 0, "fwd": 1, "bwd": 0 if fail_fwd else 1}
+    assert max_err(y, y_eager) <= 1e-6
 
 
 # -----------------------------------------------------------------------------
@@ -489,27 +584,30 @@ def test_scan_op_opcheck():
     torch.library.opcheck(ssd_scan_op, args)
 
 
-def test_scan_op_env(monkeypatch):
+def test_scan_op_option(monkeypatch):
     torch.manual_seed(0)
     m = Mamba2(d_model=16, d_state=4, headdim=8, chunk_size=8)
     u = torch.randn(2, 11, 16)
     y0 = m(u)
-    monkeypatch.setenv("NANOCHAT_MAMBA_SCAN_OP", "1")  # eager through the op: same numbers
-    assert max_err(m(u), y0) <= 1e-6
+    assert max_err(m.configure(scan_op="1")(u), y0) <= 1e-6  # eager through the op: same numbers
+    with pytest.raises(ValueError, match="scan_op='yes'"):
+        m.configure(scan_op="yes")
+    monkeypatch.setenv("NANOCHAT_MAMBA_SCAN_OP", "1")  # the default, read at build time
+    assert Mamba2(d_model=16, d_state=4, headdim=8).scan_op == "1"
     monkeypatch.setenv("NANOCHAT_MAMBA_SCAN_OP", "yes")
-    with pytest.raises(ValueError, match="NANOCHAT_MAMBA_SCAN_OP"):
-        m(u)
+    with pytest.raises(ValueError, match="NANOCHAT_MAMBA_SCAN_OP='yes'"):
+        Mamba2(d_model=16, d_state=4, headdim=8)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scan_op,fullgraph", [("auto", True), ("0", False)])
 def test_torch_compile_matches_eager(monkeypatch, scan_op, fullgraph):
     # auto: the scan is a custom op, so the layer compiles as one graph (fullgraph=True raises on any graph break,
-    # and does with NANOCHAT_MAMBA_SCAN_OP=0); 0: the compiler.disable'd scan, a graph break, must still be right
-    monkeypatch.setenv("NANOCHAT_MAMBA_SCAN_OP", scan_op)
+    # and does with scan_op=0); 0: the compiler.disable'd scan, a graph break, must still be right
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = TinyNet()
+    net.mixer.configure(scan_op=scan_op)
     u = torch.randn(2, 19, 32)
     y_eager = net(u)
     y_eager.square().sum().backward()
