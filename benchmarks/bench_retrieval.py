@@ -1,10 +1,13 @@
 """
 Retrieval benchmark: our retrievers vs rank_bm25 (BM25Okapi) and raw bm25s on any BEIR-format folder
 (corpus.jsonl, queries.jsonl, qrels/test.tsv): nDCG@10, recall@100, index build time, index size on disk and
-single-thread queries/s, side by side; then, with --scale N, BM25 speed on N synthetic documents.
+single-thread queries/s, side by side; then, with --scale N, BM25 speed on N synthetic documents. With
+--load-scale N,M,... only the KB load-time section runs: a BM25 KB of N synthetic documents is saved and loaded
+with and without verification of kb.json's per-file sha256 (load_retriever(verify=...)).
 
     python benchmarks/bench_retrieval.py ../shared/data/beir-cisi
     python benchmarks/bench_retrieval.py ../shared/data/beir-cisi --retrievers bm25 --scale 100000
+    python benchmarks/bench_retrieval.py ../shared/data/beir-cisi --load-scale 10000,100000
     python benchmarks/bench_retrieval.py DIR --retrievers bm25,dense,hybrid --reranker cross-encoder/ms-marco-MiniLM-L-6-v2
 
 Every BM25 uses the same tokens (nanochat.retrieval.tokenize: lower-cased \\w+ minus our stop words). Metrics come
@@ -34,6 +37,10 @@ parser.add_argument("--rrf-k", type=float, default=10, help="hybrid RRF k (Corma
 parser.add_argument("--fusion-depth", type=int, default=100, help="hybrid: candidates taken from each retriever")
 parser.add_argument("--tune-hybrid", action="store_true", help="grid-search RRF k/weights/depth on half the queries")
 parser.add_argument("--scale", type=int, default=0, help="also time BM25s on N synthetic documents")
+parser.add_argument("--load-scale", default=None,
+                    help="comma list of KB sizes: time loading a BM25 KB of that many synthetic documents with and "
+                         "without hash verification (only this section runs)")
+parser.add_argument("--load-repeats", type=int, default=3, help="loads timed per KB size and mode (median reported)")
 parser.add_argument("--scale-rank-bm25-queries", type=int, default=10, help="rank_bm25 is slow at scale: time this many queries")
 parser.add_argument("--threads", type=int, default=1, help="threads for the query timing")
 parser.add_argument("--min-time", type=float, default=2.0, help="seconds to spend timing each system (at least one pass)")
@@ -41,9 +48,24 @@ parser.add_argument("--json", default=None, help="write all results to this JSON
 args = parser.parse_args()
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import faiss  # noqa: E402
+import bm25s  # noqa: E402
+from rank_bm25 import BM25Okapi  # noqa: E402  (the dev extra: the reference this benchmark compares against)
 
-from nanochat.common import print0  # noqa: E402
-from nanochat.retrieval import Document, tokenize, make_retriever, HybridRetriever, reciprocal_rank_fusion  # noqa: E402
+try:  # optional: limits BLAS threads too when installed
+    from threadpoolctl import threadpool_limits
+except ImportError:
+    threadpool_limits = None
+try:  # optional: cross-checks our nDCG / recall when installed
+    import pytrec_eval
+except ImportError:
+    pytrec_eval = None
+
+from nanochat.common import print0, atomic_write_json  # noqa: E402
+from nanochat.retrieval import (Document, tokenize, make_retriever, HybridRetriever, reciprocal_rank_fusion,  # noqa: E402
+                                load_retriever)
+from nanochat.kb import read_kb_meta, verify_kb_files  # noqa: E402
 from nanochat.rag_utils import compute_ndcg, compute_retrieval_recall  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -77,28 +99,16 @@ class thread_limit:
         self.n = n
 
     def __enter__(self):
-        import torch
         self.torch_threads = torch.get_num_threads()
         torch.set_num_threads(self.n)
-        try:
-            import faiss
-            self.faiss_threads = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(self.n)
-        except ImportError:
-            self.faiss_threads = None
-        try:
-            from threadpoolctl import threadpool_limits
-            self.blas = threadpool_limits(limits=self.n)
-        except ImportError:
-            self.blas = None
+        self.faiss_threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.n)
+        self.blas = threadpool_limits(limits=self.n) if threadpool_limits is not None else None
         return self
 
     def __exit__(self, *exc):
-        import torch
         torch.set_num_threads(self.torch_threads)
-        if self.faiss_threads is not None:
-            import faiss
-            faiss.omp_set_num_threads(self.faiss_threads)
+        faiss.omp_set_num_threads(self.faiss_threads)
         if self.blas is not None:
             self.blas.unregister()
 
@@ -129,9 +139,7 @@ def evaluate(run, qrels):
 
 
 def pytrec_check(name, run_scores, qrels, ours):
-    try:
-        import pytrec_eval
-    except ImportError:
+    if pytrec_eval is None:
         return None
     ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"})
     res = ev.evaluate({q: {d: float(s) for d, s in r.items()} for q, r in run_scores.items() if q in qrels})
@@ -156,7 +164,6 @@ def print_table(rows, title):
 
 
 def bench_rank_bm25(docs, queries, judged, qps_queries, min_time, eval_metrics=True):
-    from rank_bm25 import BM25Okapi
     t0 = time.perf_counter()
     bm = BM25Okapi([tokenize(d.text) for d in docs])
     build = time.perf_counter() - t0
@@ -172,7 +179,6 @@ def bench_rank_bm25(docs, queries, judged, qps_queries, min_time, eval_metrics=T
 
 
 def bench_bm25s(docs, queries, judged, qps_queries, min_time, eval_metrics=True):
-    import bm25s
     t0 = time.perf_counter()
     bm = bm25s.BM25()  # its default variant (lucene idf), numpy backend
     bm.index([tokenize(d.text) for d in docs], show_progress=False)
@@ -225,10 +231,76 @@ def hybrid_from(bm25, bm25_build, dense, dense_build, **kwargs):
     return h, bm25_build + dense_build
 
 
+def synthetic_corpus(docs, n, seed=0):
+    """n documents whose words are sampled from the real corpus' unigram distribution, lengths from its documents."""
+    rng = np.random.default_rng(seed)
+    words, counts = np.unique(np.array([w for d in docs for w in d.text.lower().split()]), return_counts=True)
+    lengths = np.array([len(d.text.split()) for d in docs])
+    doc_lens = rng.choice(lengths, size=n)
+    flat = rng.choice(len(words), size=int(doc_lens.sum()), p=counts / counts.sum())
+    offsets = np.concatenate([[0], np.cumsum(doc_lens)])
+    synth = [Document(f"s{i}", "", " ".join(words[flat[offsets[i]:offsets[i + 1]]])) for i in range(n)]
+    return synth, int(doc_lens.sum()), len(words)
+
+
+def bench_load(docs, sizes, repeats):
+    """
+    Load time of a saved BM25 KB of each size, verifying kb.json's sha256 of every file or not (sizes and row counts
+    are checked either way), and the hashing alone. Page cache warm (right after the save). The two modes alternate
+    and the best of `repeats` is kept, in wall time and in this process' CPU time (user + system), which other
+    processes on a busy machine disturb much less than wall time.
+    """
+    rows = []
+    for n in sizes:
+        synth, n_words, _ = synthetic_corpus(docs, n)
+        tmp = tempfile.mkdtemp()
+        kb = os.path.join(tmp, "kb")
+        t0 = time.perf_counter()
+        r = make_retriever("bm25")
+        r.add_documents(synth)
+        r.save(kb)
+        build = time.perf_counter() - t0
+        del r, synth
+        meta = read_kb_meta(kb)
+        times = {}
+
+        def timed(name, fn):
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            w, c = time.perf_counter() - w, time.process_time() - c
+            best = times.get(name, (float("inf"), float("inf")))
+            times[name] = (min(best[0], w), min(best[1], c))
+        for _ in range(repeats):
+            timed("verify", lambda: load_retriever(kb, verify=True))
+            timed("no_verify", lambda: load_retriever(kb, verify=False))
+            timed("hash", lambda: verify_kb_files(kb, meta, verify=True))
+        row = {"documents": n, "words": n_words, "kb_mb": dir_size(kb) / 1e6, "build_s": build,
+               **{f"{k}_wall_s": v[0] for k, v in times.items()}, **{f"{k}_cpu_s": v[1] for k, v in times.items()}}
+        shutil.rmtree(tmp)
+        rows.append(row)
+        print0(f"  {n} documents: load {row['verify_wall_s']:.2f}s verified, {row['no_verify_wall_s']:.2f}s not "
+               f"(hashing {row['hash_wall_s']:.2f}s of {row['kb_mb']:.0f} MB)")
+    print0(f"\nKB load time, BM25, synthetic documents (best of {repeats} loads each, warm page cache; wall / CPU s)")
+    print0("| documents | words | KB MB | load, verify | load, verify=False | sha256 of all files | sha256 share of load (CPU) |")
+    print0("|----------:|------:|------:|-------------:|-------------------:|--------------------:|---------------------------:|")
+    for r in rows:
+        print0(f"| {r['documents']:>9,} | {r['words'] / 1e6:.1f}M | {r['kb_mb']:5.0f} | "
+               f"{r['verify_wall_s']:5.2f} / {r['verify_cpu_s']:5.2f} | {r['no_verify_wall_s']:7.2f} / {r['no_verify_cpu_s']:5.2f} | "
+               f"{r['hash_wall_s']:8.2f} / {r['hash_cpu_s']:5.2f} | {r['hash_cpu_s'] / r['verify_cpu_s']:26.0%} |")
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # main
 
 docs, queries, qrels = load_beir(args.dir)
+if args.load_scale:
+    sizes = [int(x) for x in args.load_scale.split(",") if x.strip()]
+    print0(f"{args.dir}: {len(docs)} documents as the model for synthetic KBs of {sizes} documents")
+    load_rows = bench_load(docs, sizes, args.load_repeats)
+    if args.json:
+        atomic_write_json(args.json, {"dataset": os.path.abspath(args.dir), "load": load_rows})
+    sys.exit(0)
 judged = [q for q in qrels if q in queries]
 qrels = {q: qrels[q] for q in judged}
 qps_queries = list(queries.values())
@@ -311,16 +383,9 @@ results["rows"] = rows
 # --scale N: BM25 speed on a synthetic corpus with the real corpus' statistics
 
 if args.scale:
-    rng = np.random.default_rng(0)
-    words, counts = np.unique(np.array([w for d in docs for w in d.text.lower().split()]), return_counts=True)
-    lengths = np.array([len(d.text.split()) for d in docs])
-    doc_lens = rng.choice(lengths, size=args.scale)
-    flat = rng.choice(len(words), size=int(doc_lens.sum()), p=counts / counts.sum())
-    offsets = np.concatenate([[0], np.cumsum(doc_lens)])
-    synth = [Document(f"s{i}", "", " ".join(words[flat[offsets[i]:offsets[i + 1]]])) for i in range(args.scale)]
-    del flat
-    print0(f"\nsynthetic corpus: {args.scale} documents, {int(doc_lens.sum())} words "
-           f"(unigram sample of {len(words)} word types, lengths from the real corpus)")
+    synth, n_words, n_types = synthetic_corpus(docs, args.scale)
+    print0(f"\nsynthetic corpus: {args.scale} documents, {n_words} words "
+           f"(unigram sample of {n_types} word types, lengths from the real corpus)")
     srows = []
     r, t = build_ours("bm25", synth)
     srows.append(bench_ours("bm25", r, t, queries, [], qps_queries, args.min_time, eval_metrics=False)[0])
@@ -336,6 +401,5 @@ if args.scale:
     results["scale"] = {"n": args.scale, "rows": srows}
 
 if args.json:
-    from nanochat.common import atomic_write_json
     atomic_write_json(args.json, results)
     print0(f"wrote {args.json}")

@@ -16,37 +16,11 @@ import re
 import math
 import random
 
-from nanochat.metrics import NO_ANSWER, normalize_answer, exact_match, token_f1, strip_citations, citation_numbers, is_abstention
-from nanochat.retrieval import tokenize, insert_retrieval_message
+from nanochat.metrics import NO_ANSWER, strip_citations, citation_numbers, answer_scores, is_abstention
+from nanochat.retrieval import tokenize, insert_retrieval_message, as_doc_dict, doc_key  # document-to-dict lives there
 
 # -----------------------------------------------------------------------------
 # documents and prompts
-
-
-def as_doc_dict(doc):
-    """A Document, a (Document, score) pair or a dict -> {"id", "title", "content"} (+ "score" when known, +
-    "parent_id" for a chunk of a longer document)."""
-    score = None
-    if isinstance(doc, tuple) and len(doc) == 2:
-        doc, score = doc
-    if not isinstance(doc, dict):
-        parent = doc.metadata.get("parent_id", doc.id)
-        doc = {"id": doc.id, "title": doc.title, "content": doc.content,
-               **({"parent_id": parent} if parent != doc.id else {})}
-    if not isinstance(doc.get("content"), str):
-        raise ValueError(f"a document needs a string 'content', got {str(doc)[:100]!r}")
-    out = {"id": str(doc.get("id", "")), "title": doc.get("title") or "", "content": doc["content"]}
-    if doc.get("parent_id") is not None and str(doc["parent_id"]) != out["id"]:
-        out["parent_id"] = str(doc["parent_id"])
-    score = doc.get("score", score)
-    if score is not None:
-        out["score"] = float(score)
-    return out
-
-
-def doc_key(doc):
-    """The id a gold_doc_ids list names: a chunk ("doc#3") answers for its parent document ("doc")."""
-    return str(doc.get("parent_id") or doc.get("id", ""))
 
 
 def _format_doc(number, doc, max_chars):
@@ -188,7 +162,7 @@ def check_hallucination(answer, documents, threshold=0.5):
     their fraction exceeds threshold. The NO_ANSWER string is never a hallucination.
     Returns {"hallucinated": bool, "unsupported_fraction": float, "unsupported_tokens": [...]}.
     """
-    if normalize_answer(strip_citations(answer)) == normalize_answer(NO_ANSWER):
+    if is_abstention(answer):
         return {"hallucinated": False, "unsupported_fraction": 0.0, "unsupported_tokens": []}
     docs = [as_doc_dict(d) for d in documents]
     cited = [n for n in extract_citations_from_response(answer) if 1 <= n <= len(docs)]
@@ -202,46 +176,49 @@ def check_hallucination(answer, documents, threshold=0.5):
     return {"hallucinated": fraction > threshold, "unsupported_fraction": fraction, "unsupported_tokens": unsupported}
 
 
-DEFAULT_REWARD_WEIGHTS = {"em": 0.5, "f1": 0.5, "citation": 0.25, "hallucination": 0.5}
+DEFAULT_REWARD_WEIGHTS = {"em": 0.5, "f1": 0.5, "citation": 0.25, "hallucination": 0.5, "format": 0.5}
 
 
 def citation_correctness(cited, documents, gold_doc_ids):
     """
-    Fraction of the cited numbers that point to gold documents; 0.0 if any cited number is out of range
-    (citing a document that is not there is a fabrication). Nothing cited: 0.0 when a gold document is among
-    the documents (it should have been cited), 1.0 when none is (nothing to cite).
+    Fraction of the cited numbers that point to gold documents; 0.0 if any cited number is out of range (citing a
+    document that is not there is a fabrication). Citing nothing earns no credit (0.0), whatever was retrieved:
+    otherwise a model that never cites scores perfectly whenever retrieval missed.
     """
     gold = {str(g) for g in gold_doc_ids}
     docs = [as_doc_dict(d) for d in documents]
-    gold_numbers = {i for i, d in enumerate(docs, start=1) if doc_key(d) in gold}
-    if not cited:
-        return 0.0 if gold_numbers else 1.0
-    if any(not 1 <= n <= len(docs) for n in cited):
+    if not cited or any(not 1 <= n <= len(docs) for n in cited):
         return 0.0
+    gold_numbers = {i for i, d in enumerate(docs, start=1) if doc_key(d) in gold}
     return sum(n in gold_numbers for n in cited) / len(cited)
 
 
-def compute_rag_reward(response, answers, documents, gold_doc_ids=None, weights=None):
+def compute_rag_reward(response, answers, documents, gold_doc_ids=None, weights=None, format_errors=None):
     """
-    reward = w_em * EM + w_f1 * F1 + w_cite * citation_correctness - w_hall * hallucinated
-    with default weights em 0.5, f1 0.5, citation 0.25, hallucination 0.5 (so a correct, correctly cited,
-    supported answer scores 1.25; a fabricated wrong one -0.5). EM/F1 are on the response with citations
-    stripped. The citation term is skipped (None) when gold_doc_ids is None. Returns every component.
+    reward = w_em * EM + w_f1 * F1 + w_cite * citation_correctness - w_hall * hallucinated - w_format * malformed
+    with default weights em 0.5, f1 0.5, citation 0.25, hallucination 0.5, format 0.5 (a correct, correctly cited,
+    supported, well-formed answer scores 1.25; a fabricated wrong one -0.5). EM/F1 are on the response with
+    citations stripped (the gold answers normalised the same way). documents: every document the answer could
+    cite, in number order ([1] first; for a multi-hop trajectory all hops, numbered continuously). The citation
+    term is skipped (None) when gold_doc_ids is None. format_errors: the problems the Engine found in a
+    trajectory (unbalanced query tags, no answer, hop cap exceeded: Engine trace "format_errors"); any -> malformed.
+    Returns every component.
     """
     w = {**DEFAULT_REWARD_WEIGHTS, **(weights or {})}
     unknown = set(w) - set(DEFAULT_REWARD_WEIGHTS)
     if unknown:
         raise ValueError(f"unknown reward weights {sorted(unknown)}; known: {sorted(DEFAULT_REWARD_WEIGHTS)}")
     answers = [answers] if isinstance(answers, str) else list(answers)
-    text = strip_citations(response)
-    em = float(exact_match(text, answers))
-    f1 = float(token_f1(text, answers))
+    scores = answer_scores(response, answers)
     cited = extract_citations_from_response(response)
     cite = None if gold_doc_ids is None else citation_correctness(cited, documents, gold_doc_ids)
     hall = check_hallucination(response, documents)
-    reward = w["em"] * em + w["f1"] * f1 + w["citation"] * (cite or 0.0) - w["hallucination"] * hall["hallucinated"]
-    return {"reward": reward, "em": em, "f1": f1, "citation": cite, "hallucination": float(hall["hallucinated"]),
-            "unsupported_fraction": hall["unsupported_fraction"], "citations": cited}
+    malformed = float(bool(format_errors))
+    reward = (w["em"] * scores["em"] + w["f1"] * scores["f1"] + w["citation"] * (cite or 0.0)
+              - w["hallucination"] * hall["hallucinated"] - w["format"] * malformed)
+    return {"reward": reward, "em": scores["em"], "f1": scores["f1"], "citation": cite,
+            "hallucination": float(hall["hallucinated"]), "unsupported_fraction": hall["unsupported_fraction"],
+            "citations": cited, "malformed": malformed}
 
 
 # -----------------------------------------------------------------------------

