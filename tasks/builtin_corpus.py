@@ -5,9 +5,14 @@ Python install has, so the whole pipeline runs with no network.
 
     python -m tasks.builtin_corpus                                # -> <repo>/data/builtin/corpus (10 parquet shards)
     python -m tasks.builtin_corpus --with-source --site-packages --max-chars 3e8 --output DIR   # the GPU corpus
+    python -m tasks.builtin_corpus --with-source --site-packages --max-chars 3e8 --prose .carry/prose/prose.parquet
 
-The output is a data directory that nanochat.dataset reads like any other (the last shard is validation), plus
-manifest.json with the counts and the held-out module list.
+--prose FILE (repeatable) adds English prose documents (a parquet file with a "text" column, built by
+dev/build_prose.sh / tasks/prose.py) to the TRAIN shards only: the validation shard stays exactly the Python-only
+shard of the same build without --prose, so val bpb stays comparable across runs with and without prose (reading
+is measured downstream, by rag_eval). The output is a data directory that nanochat.dataset reads like any other
+(the last shard is validation), plus manifest.json with the counts, the held-out module list and what prose was
+added (per source: documents, chars, package, licence).
 """
 
 import os
@@ -19,9 +24,10 @@ import sysconfig
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import atomic_dir, print0, ArgumentParser
+from nanochat.common import atomic_dir, print0, ArgumentParser, run_main
 from nanochat.dataset import builtin_corpus_dir
 from tasks.stdlib_docs import harvest, record_split, module_split, first_sentence
+from tasks.prose import read_prose
 
 
 
@@ -88,15 +94,25 @@ def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=
 
 
 def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modules=None, row_group_size=1000,
-                         progress=True, extra_docs=None):
+                         progress=True, extra_docs=None, prose_files=None):
     """
     Write the built-in corpus: every harvested stdlib record of a TRAIN module (eval and rag modules are left out
     entirely, see tasks/stdlib_docs.py), shuffled with a fixed seed, split evenly into num_shards parquet shards
     (column "text"; the last shard is validation) plus manifest.json, all written into a temp dir then renamed.
-    records: pre-harvested records (else harvest(max_modules)). Returns the output dir.
+    records: pre-harvested records (else harvest(max_modules)). extra_docs: more documents (Python source) mixed
+    in before the split. prose_files: prose parquet files (tasks/prose.py) whose documents are spread over the
+    train shards only (each such shard shuffled with a fixed seed); the validation shard is the same as without
+    them. Returns the output dir.
     """
     if num_shards < 2:
         raise ValueError(f"num_shards must be >= 2 (the last shard is validation), got {num_shards}")
+    prose_docs, prose_meta = [], []  # read first: a bad prose file fails before the slow harvest
+    for path in prose_files or []:
+        texts, manifest = read_prose(path)
+        prose_docs += texts
+        prose_meta.append({"file": os.path.abspath(path), "documents": len(texts), "chars": sum(map(len, texts)),
+                           "sources": {name: {k: v[k] for k in ("package", "licence", "documents", "chars") if k in v}
+                                       for name, v in manifest.get("sources", {}).items()}})
     output_dir = os.fspath(output_dir or builtin_corpus_dir())
     if records is None:
         records = harvest(max_modules=max_modules, progress=progress)
@@ -107,19 +123,28 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
         raise ValueError(f"only {len(docs)} train documents for {num_shards} shards")
     random.Random(1337).shuffle(docs)  # shards (and the validation shard) mix all modules
     bounds = [len(docs) * i // num_shards for i in range(num_shards + 1)]
+    random.Random(4242).shuffle(prose_docs)  # then cut into num_shards - 1 even runs, one per train shard
+    prose_bounds = [len(prose_docs) * i // (num_shards - 1) for i in range(num_shards)]
     shards = []
     with atomic_dir(output_dir, marker="manifest.json") as tmp:
         for i in range(num_shards):
             part = docs[bounds[i]:bounds[i + 1]]
+            prose_part = prose_docs[prose_bounds[i]:prose_bounds[i + 1]] if i < num_shards - 1 else []
+            if prose_part:  # mixed within the shard, so every stretch of training (and tok_train's sample) has both
+                part = part + prose_part
+                random.Random(1337 + i).shuffle(part)
             name = f"shard_{i:05d}.parquet"
             pq.write_table(pa.table({"text": part}), os.path.join(tmp, name), row_group_size=row_group_size)
             shards.append({"file": name, "documents": len(part), "chars": sum(len(d) for d in part),
                            "split": "val" if i == num_shards - 1 else "train"})
+            if prose_files:
+                shards[-1]["prose_documents"] = len(prose_part)
         manifest = {
-            "what": "nanochat-rag built-in pretraining corpus: Python standard library docs of train modules",
+            "what": "nanochat-rag built-in pretraining corpus: Python standard library docs of train modules"
+                    + (", plus English prose in the train shards" if prose_files else ""),
             "python_version": sys.version.split()[0],
             "records_harvested": len(records),
-            "documents": len(docs),
+            "documents": len(docs) + len(prose_docs),
             "chars": sum(s["chars"] for s in shards),
             "excluded_eval_records": len(records) - len(train),
             "extra_documents": len(extra_docs or []),
@@ -129,17 +154,24 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
                           "records (and their submodules') are not. The last shard is validation.",
             "shards": shards,
         }
+        if prose_files:
+            manifest["prose"] = {
+                "documents": len(prose_docs), "chars": sum(map(len, prose_docs)), "files": prose_meta,
+                "in_validation": False,
+                "why": "train shards only: the validation shard is byte-identical to the build without prose, so "
+                       "val bpb stays comparable; reading English is measured by rag_eval",
+            }
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
-    print0(f"built-in corpus: {len(docs)} documents, {manifest['chars']:,} chars in {num_shards} shards "
+    print0(f"built-in corpus: {manifest['documents']} documents, {manifest['chars']:,} chars in {num_shards} shards "
            f"-> {output_dir} ({manifest['excluded_eval_records']} records of {len(held_out)} held-out modules "
-           f"left out)")
+           f"left out" + (f"; {len(prose_docs):,} prose documents in the train shards" if prose_files else "") + ")")
     return output_dir
 
 # -----------------------------------------------------------------------------
 # CLI
 
-if __name__ == "__main__":
+def main():
     parser = ArgumentParser(description="Build the offline pretraining corpus from the standard library's docs "
                             "(train modules only) and, optionally, Python source.")
     parser.add_argument("--output", type=str, default=None, help="output directory (None: <repo>/data/builtin/corpus)")
@@ -150,9 +182,16 @@ if __name__ == "__main__":
     parser.add_argument("--site-packages", action="store_true", help="with --with-source: add the installed "
                         "packages' .py source too")
     parser.add_argument("--max-chars", type=float, default=None, help="with --with-source: cap on the source text added")
+    parser.add_argument("--prose", type=str, action="append", default=None, metavar="FILE",
+                        help="a prose parquet file (dev/build_prose.sh) to add to the train shards; repeatable")
     args = parser.parse_args()
     extra = None
     if args.with_source:
         extra = python_source_documents(args.site_packages, int(args.max_chars) if args.max_chars else None)
         print0(f"python source: {len(extra):,} files, {sum(len(d) for d in extra):,} chars")
-    build_builtin_corpus(args.output, num_shards=args.num_files or (10 if extra is None else 40), extra_docs=extra)
+    build_builtin_corpus(args.output, num_shards=args.num_files or (10 if extra is None else 40), extra_docs=extra,
+                         prose_files=args.prose)
+
+
+if __name__ == "__main__":
+    run_main(main)
