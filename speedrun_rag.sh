@@ -4,8 +4,8 @@
 #   bash speedrun_rag.sh                 # picks the CPU or GPU recipe from the hardware
 #   FORCE=1 bash speedrun_rag.sh         # redo every stage (default: a stage done with the same command is skipped)
 #
-# Stages: venv -> built-in data -> tokenizer -> base model -> SFT -> KB -> RAG fine-tune -> RAG eval
-#         -> one-shot question with citations -> report.md
+# Stages: venv -> built-in data -> tokenizer -> base model -> SFT -> KB -> RAG fine-tune -> RAG eval (beside baselines)
+#         -> REFRAG fine-tune (SFT, then RL) -> multi-hop eval -> one-shot question with citations -> report.md
 #
 # A stage is done when its completion record, $NANOCHAT_BASE_DIR/report/stages/<stage>.done, exists and matches. The
 # record is written after the stage's command has exited with success (so a stage killed in the middle, even while
@@ -35,6 +35,9 @@
 #   DOC_CHARS           cap on each built-in KB document's docstring (short documents fit a small context)
 #   KB_DOCS             a JSONL of your own documents for the KB (default: the built-in stdlib docs)
 #   EVAL_EXAMPLES       held-out questions for rag_eval     EVAL_EVERY  val loss every N steps   EVAL_TOKENS  per val bpb
+#   REFRAG_EPOCHS REFRAG_SEQ REFRAG_NEW_TOKENS     REFRAG stage 1 epochs, its row length, tokens per multi-hop answer
+#   RL_STEPS RL_QUESTIONS RL_SAMPLES                REFRAG stage 2: steps, questions per step per process, samples each
+#   MULTIHOP_DIR        real multi-hop data for the GPU recipe (default ../shared/data/multihop; skipped if absent)
 #   QUESTION            the final one-shot question
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -119,13 +122,15 @@ if [ "$NGPU" -gt 0 ]; then
     RAG_EPOCHS=${RAG_EPOCHS:-2}; RAG_TOP_K=${RAG_TOP_K:-5}; RETRIEVER=${RETRIEVER:-hybrid}; RAG_FLAGS=${RAG_FLAGS:---keep-best --p-no-gold 0.1}
     DOC_CHARS=${DOC_CHARS:-1200}; LR_FRAC=${LR_FRAC:-0.1}
     EVAL_EXAMPLES=${EVAL_EXAMPLES:-300}; EVAL_EVERY=${EVAL_EVERY:-250}; EVAL_TOKENS=${EVAL_TOKENS:-10485760}
+    REFRAG_EPOCHS=${REFRAG_EPOCHS:-2}; REFRAG_SEQ=${REFRAG_SEQ:-2048}; REFRAG_NEW_TOKENS=${REFRAG_NEW_TOKENS:-768}
+    RL_STEPS=${RL_STEPS:-100}; RL_QUESTIONS=${RL_QUESTIONS:-4}; RL_SAMPLES=${RL_SAMPLES:-8}
 else
     RUN="python -m"
     if [ "$SIZE" = "tiny" ]; then  # the smallest end-to-end setting (tests/test_speedrun.py), about 2 minutes
-        DEF=(1024 3000000 2 TM 32 32 256 4 1024 20 16 16 32 0.05 0.05 10 10 300)
+        DEF=(1024 3000000 2 TM 32 32 256 4 1024 20 16 16 32 0.05 0.05 10 10 300 2)
         TINY_CAPS="--max-docs 400 --max-train 300 --max-eval 30"
     else  # the CPU default: a few minutes per stage on 2 cores
-        DEF=(2048 20000000 4 TMTM 32 32 256 8 2048 900 16 32 64 1 6 200 100 300)
+        DEF=(2048 20000000 4 TMTM 32 32 256 8 2048 900 16 32 64 1 6 200 100 300 30)
     fi
     VOCAB_SIZE=${VOCAB_SIZE:-${DEF[0]}}; TOK_MAX_CHARS=${TOK_MAX_CHARS:-${DEF[1]}}
     DEPTH=${DEPTH:-${DEF[2]}}; BLOCK_PATTERN=${BLOCK_PATTERN:-${DEF[3]}}
@@ -143,7 +148,11 @@ else
     DOC_CHARS=${DOC_CHARS:-${DEF[17]}}; LR_FRAC=${LR_FRAC:-0.5}
     EVAL_EXAMPLES=${EVAL_EXAMPLES:-${DEF[15]}}; EVAL_EVERY=${EVAL_EVERY:-${DEF[16]}}
     EVAL_TOKENS=${EVAL_TOKENS:-$((8 * DEVICE_BATCH_SIZE * MAX_SEQ_LEN))}  # 8 val batches per evaluation
+    # trajectories hold the hop-0 documents plus a block per follow-up query: twice the RAG context
+    REFRAG_EPOCHS=${REFRAG_EPOCHS:-2}; REFRAG_SEQ=${REFRAG_SEQ:-$((2 * MAX_SEQ_LEN))}; REFRAG_NEW_TOKENS=${REFRAG_NEW_TOKENS:-256}
+    RL_STEPS=${RL_STEPS:-${DEF[18]}}; RL_QUESTIONS=${RL_QUESTIONS:-2}; RL_SAMPLES=${RL_SAMPLES:-4}
 fi
+MULTIHOP_DIR=${MULTIHOP_DIR:-$REPO/../shared/data/multihop}
 TAG="d${DEPTH}"
 KB_DIR="$BUILTIN/kb"
 QUESTION=${QUESTION:-}
@@ -193,6 +202,33 @@ stage rag_finetune $RUN scripts.rag_finetune \
     --init-lr-frac "$LR_FRAC" --overwrite $RAG_FLAGS
 stage rag_eval $RUN scripts.rag_eval \
     --source rag --model-tag "$TAG" --knowledge-base "$KB_DIR" --top-k "$RAG_TOP_K" --max-examples "$EVAL_EXAMPLES"
+
+# -----------------------------------------------------------------------------
+# REFRAG: the model writes its own follow-up queries (stage 1: gold trajectories; stage 2: RL with Engine rollouts),
+# on the built-in two-document questions; then closed-book / single-shot / fixed-rule / REFRAG side by side
+stage refrag_finetune $RUN scripts.refrag_finetune \
+    --source rag --model-tag "$TAG" --knowledge-base "$KB_DIR" --train-data builtin-multihop --top-k "$RAG_TOP_K" \
+    --top-k-per-hop "$RAG_TOP_K" --max-hops 2 --num-epochs "$REFRAG_EPOCHS" --device-batch-size "$SFT_BATCH" \
+    --max-seq-len "$REFRAG_SEQ" --eval-every "$EVAL_EVERY" --init-lr-frac "$LR_FRAC" --rl-steps "$RL_STEPS" \
+    --rl-questions "$RL_QUESTIONS" --rl-samples "$RL_SAMPLES" --overwrite
+stage refrag_eval $RUN scripts.rag_eval \
+    --source refrag --model-tag "$TAG" --multihop --knowledge-base "$KB_DIR" --eval-data builtin-multihop \
+    --top-k "$RAG_TOP_K" --top-k-per-hop "$RAG_TOP_K" --max-hops 2 --max-new-tokens "$REFRAG_NEW_TOKENS" \
+    --max-examples "$EVAL_EXAMPLES"
+# GPU: the same on real multi-hop questions (HotpotQA, MuSiQue, 2Wiki) when ../shared/data/multihop is there
+if [ "$NGPU" -gt 0 ] && [ -f "$MULTIHOP_DIR/train.jsonl" ]; then
+    MH_KB="$NANOCHAT_BASE_DIR/multihop_kb"
+    stage mh_kb_build python -m nanochat.retrieval --documents "$MULTIHOP_DIR/corpus.jsonl" --output "$MH_KB" --type bm25
+    stage mh_refrag_finetune $RUN scripts.refrag_finetune \
+        --source rag --model-tag "$TAG" --output-tag "${TAG}_mh" --knowledge-base "$MH_KB" \
+        --train-data "$MULTIHOP_DIR/train.jsonl" --top-k "$RAG_TOP_K" --top-k-per-hop 3 --max-hops 3 \
+        --num-epochs "$REFRAG_EPOCHS" --device-batch-size "$SFT_BATCH" --max-seq-len "$REFRAG_SEQ" \
+        --rl-steps "$RL_STEPS" --overwrite
+    stage mh_refrag_eval $RUN scripts.rag_eval \
+        --source refrag --model-tag "${TAG}_mh" --multihop --knowledge-base "$MH_KB" --eval-data "$MULTIHOP_DIR/dev.jsonl" \
+        --split dev --top-k "$RAG_TOP_K" --top-k-per-hop 3 --max-hops 3 --max-new-tokens "$REFRAG_NEW_TOKENS" \
+        --output "$NANOCHAT_BASE_DIR/report/mh_refrag_eval_results"
+fi
 
 # -----------------------------------------------------------------------------
 # one question, answered with citations

@@ -90,13 +90,15 @@ def compute_init(device_type=""):
         torch.backends.cudnn.allow_tf32 = True
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp:
-        if device_type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            device = torch.device(device_type)
-            dist.init_process_group(backend="gloo")
+        device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
+        # a second stage in the same process (refrag_finetune's SFT then RL) keeps the group: tearing a gloo group
+        # down and re-creating it on the same store raced under load (connection reset on the barrier)
+        if not dist.is_initialized():
+            if device_type == "cuda":
+                torch.cuda.set_device(device)
+                dist.init_process_group(backend="nccl", device_id=device)
+            else:
+                dist.init_process_group(backend="gloo")
         dist.barrier()
     else:
         device = torch.device(device_type)

@@ -23,12 +23,11 @@ import time
 import glob
 import shutil
 import socket
-import argparse
 import platform
 import datetime
 import subprocess
 
-from nanochat.common import get_base_dir, atomic_write_json, atomic_write_text, get_dist_info, append_jsonl
+from nanochat.common import get_base_dir, atomic_write_json, atomic_write_text, get_dist_info, append_jsonl, ArgumentParser
 
 # the order stages appear in the report, with their titles
 STAGES = [
@@ -40,7 +39,10 @@ STAGES = [
     ("kb_build", "Knowledge base build"),
     ("retrieval_eval", "Retrieval quality on the KB's evaluation questions"),
     ("rag_finetune", "RAG fine-tuning"),
-    ("rag_eval", "RAG evaluation: closed-book vs with retrieval"),
+    ("rag_eval", "RAG evaluation: closed-book vs with retrieval, beside model-free baselines"),
+    ("refrag_sft", "REFRAG stage 1: supervised warm start on gold trajectories"),
+    ("refrag_rl", "REFRAG stage 2: RL with Engine rollouts"),
+    ("refrag_eval", "Multi-hop evaluation: single-shot vs fixed-rule vs REFRAG"),
     ("final", "Final one-shot question"),
 ]
 
@@ -181,28 +183,29 @@ def _plot_losses(d):
     return made
 
 
-def _plot_rag_bars(d, figures):
+def _plot_rag_bars(d, figures, stage):
+    """EM and F1 of every system of a rag_eval stage (model rows and baselines), as grouped bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [m for m in ("em", "f1", "contains", "hallucination_rate", "citation_accuracy")
-               if f"closed_book_{m}" in figures and f"rag_{m}" in figures]
-    if not metrics:
-        return None
     import numpy as np
-    x = np.arange(len(metrics))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(x - 0.2, [figures[f"closed_book_{m}"] for m in metrics], 0.4, label="closed-book")
-    ax.bar(x + 0.2, [figures[f"rag_{m}"] for m in metrics], 0.4, label="with retrieval")
-    ax.set_xticks(x, metrics)
+    systems = [k[:-3] for k in figures if k.endswith("_em") and f"{k[:-3]}_f1" in figures]
+    if not systems:
+        return None
+    x = np.arange(len(systems))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(systems)), 3.5))
+    ax.bar(x - 0.2, [figures[f"{s}_em"] for s in systems], 0.4, label="EM")
+    ax.bar(x + 0.2, [figures[f"{s}_f1"] for s in systems], 0.4, label="F1")
+    ax.set_xticks(x, [s.replace("_", " ") for s in systems], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
-    ax.set_title("Closed-book vs RAG on held-out questions")
+    ax.set_title("Same questions, same documents: model rows and model-free baselines")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(os.path.join(d, "rag_eval_bars.png"), dpi=110)
+    name = f"{stage}_bars.png"
+    fig.savefig(os.path.join(d, name), dpi=110)
     plt.close(fig)
-    return "rag_eval_bars.png"
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -247,10 +250,10 @@ def generate():
             lines += [data["markdown"], ""]
         if title in plots:
             lines += [f"![{title}]({plots[title]})", ""]
-        if stage == "rag_eval":
-            bars = _plot_rag_bars(d, figs)
+        if stage in ("rag_eval", "refrag_eval"):
+            bars = _plot_rag_bars(d, figs, stage)
             if bars:
-                lines += [f"![closed-book vs RAG]({bars})", ""]
+                lines += [f"![EM and F1 per system]({bars})", ""]
     # wall time per speedrun stage (its completion records: a re-run stage has its latest time), else the stages' own
     records = [(r["stage"], r["seconds"]) for r in read_stage_records() if r["seconds"] is not None]
     if records:
@@ -267,7 +270,7 @@ def generate():
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Reset or generate the run report under $NANOCHAT_BASE_DIR/report.")
+    parser = ArgumentParser(description="Reset or generate the run report under $NANOCHAT_BASE_DIR/report.")
     parser.add_argument("command", choices=["reset", "generate"],
                         help="reset: start a new report (and make speedrun_rag.sh redo every stage); generate: write report.md")
     args = parser.parse_args()

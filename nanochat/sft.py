@@ -211,10 +211,11 @@ def evaluate_loss(model, batches, steps, autocast_ctx):
 # -----------------------------------------------------------------------------
 # the loop
 
-def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
+def run_sft(args, train_task, val_task, out_source="sft", stage="sft", cleanup=True):
     """
     Fine-tune args.source's checkpoint on train_task, evaluate on val_task, save to out_source.
-    Returns a dict of key figures (also written to the report as `stage`).
+    Returns a dict of key figures (also written to the report as `stage`). cleanup=False keeps the process group
+    for a next stage in the same process.
     """
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     device_type = device.type
@@ -230,6 +231,9 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
     # one run per tag: a fresh run into an occupied tag is refused unless --overwrite (before any training work)
     run = prepare_checkpoint_dir(ckpt_dir, args.resume, args.overwrite, rank)
     T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+    # fine-tuning at a longer --max-seq-len than the base's makes the result a model of that context length: the
+    # saved config says so, and the Engine then accepts prompts of that length (the rotary table grows on demand)
+    model.config.sequence_len = max(model.config.sequence_len, T)
     B = args.device_batch_size
     orig_model = model
 
@@ -358,5 +362,6 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft"):
         dist.barrier()
         del model, eval_model
         gc.collect()
-    compute_cleanup()
+    if cleanup:
+        compute_cleanup()
     return figures

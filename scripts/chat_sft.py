@@ -9,7 +9,7 @@ The result is an `sft` checkpoint (load_model("sft")).
 
 import os
 
-from nanochat.common import ArgumentParser, repo_dir
+from nanochat.common import ArgumentParser, repo_dir, run_main
 from nanochat.sft import add_sft_args, run_sft
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
@@ -43,13 +43,19 @@ def build_sft_tasks(args):
     return TaskMixture(train, seed=args.seed), val
 
 
-if __name__ == "__main__":
-    parser = ArgumentParser(description="Supervised fine-tuning of a base model on conversations.")
-    add_sft_args(parser, default_source="base")
-    parser.add_argument("--data", type=str, default="builtin", help="builtin (stdlib docs, offline) | smoltalk (HF hub) | none")
-    parser.add_argument("--custom-json", type=str, action="append", default=[],
-                        help="extra JSONL file(s) of {'messages': [...]} conversations (repeatable)")
+parser = ArgumentParser(description="Supervised fine-tuning of a base model on conversations.")
+add_sft_args(parser, default_source="base")
+parser.add_argument("--data", type=str, default="builtin", help="builtin (stdlib docs, offline) | smoltalk (HF hub) | none")
+parser.add_argument("--custom-json", type=str, action="append", default=[],
+                    help="extra JSONL file(s) of {'messages': [...]} conversations (repeatable)")
+
+
+def main():
     args = parser.parse_args()
     use_hf_local(args.hf_local)
     train_task, val_task = build_sft_tasks(args)
     run_sft(args, train_task, val_task, out_source="sft", stage="sft")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -17,15 +17,14 @@ except with probability p_no_gold, where it is removed and the target becomes NO
 a pure function of (seed, index).
 """
 
-import os
 import copy
-import json
 import random
 
 from tqdm import tqdm
 
-from nanochat.metrics import NO_ANSWER, exact_match, strip_citations
-from tasks.common import Task, validate_conversation, assistant_text
+from nanochat.metrics import NO_ANSWER
+from tasks.common import Task, assistant_text
+from tasks.customjson import CustomJSON
 from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts, last_user_message
 from nanochat.rag_utils import add_citations, as_doc_dict, doc_key, extract_citations_from_response
 
@@ -69,12 +68,6 @@ def _base_manager(retriever, knowledge_base_path, retriever_type):
     if knowledge_base_path is None:
         raise ValueError("a RAG task needs knowledge_base_path (a KB directory) or retriever= (a RetrievalManager)")
     return RetrievalManager(retriever_type, knowledge_base_path)
-
-
-def _evaluate_qa(conversation, assistant_response):
-    """Normalized exact match against the example's answers (its last assistant text when it has none)."""
-    answers = conversation.get("answers") or [strip_citations(assistant_text(conversation["messages"][-1]))]
-    return exact_match(strip_citations(assistant_response), answers)
 
 
 # -----------------------------------------------------------------------------
@@ -168,52 +161,28 @@ class RAGTask(Task):
 # StaticRAGTask: documents already attached to each example
 
 
-class StaticRAGTask(Task):
+class StaticRAGTask(CustomJSON):
     """QA examples from a JSONL file (our QA schema) whose pre-retrieved "documents" become the retrieval message."""
 
     def __init__(self, filepath, top_k=None, cite=True, insert_position="before_user", **view):
-        super().__init__(**view)
-        self.filepath = os.fspath(filepath)
         self.top_k, self.cite, self.insert_position = top_k, cite, insert_position
-        if not os.path.isfile(self.filepath):
-            raise FileNotFoundError(f"StaticRAGTask: no such file {self.filepath}")
-        self.examples = []
-        with open(self.filepath, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.filepath}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-                validate_conversation(obj, where)
-                docs = obj.get("documents")
-                if not isinstance(docs, list):
-                    raise ValueError(f"{where}: a StaticRAGTask example needs a 'documents' list")
-                try:
-                    obj["documents"] = [as_doc_dict(d) for d in docs]
-                except (ValueError, AttributeError) as e:
-                    raise ValueError(f"{where}: bad document ({e})") from None
-                self.examples.append(obj)
-        if not self.examples:
-            raise ValueError(f"{self.filepath}: no examples in file")
+        super().__init__(filepath, **view)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.examples)
+    def validate(self, example, where):
+        super().validate(example, where)
+        docs = example.get("documents")
+        if not isinstance(docs, list):
+            raise ValueError(f"{where}: a StaticRAGTask example needs a 'documents' list")
+        try:
+            example["documents"] = [as_doc_dict(d) for d in docs]
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{where}: bad document ({e})") from None
 
     def get_example(self, index):
-        example = copy.deepcopy(self.examples[index])
+        example = super().get_example(index)
         docs = example["documents"][:self.top_k]
         conversation = insert_retrieval_message(example, docs, self.insert_position)
         return cite_gold(conversation, docs, self.cite)
-
-    def evaluate(self, conversation, assistant_response):
-        return _evaluate_qa(conversation, assistant_response)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The one table of named tasks that the scripts accept (chat_eval -a, rag_finetune
     qa = load_task("builtin", "dev")              # built-in stdlib QA, the dev split
     qa = load_task("pubmedqa:../shared/data/pubmedqa", "test")
     qa = load_task("my_qa.jsonl")                  # any JSONL file in the QA schema (tasks/qa.py), multi-hop included
+A file whose examples carry "hops" (the multihop schema, tasks/multihop.py) loads as MultiHopQA, which checks them.
 
 Splits are "train", "dev" and "test". Datasets without a dev split of their own map dev to their evaluation split
 (say which one in the table); the built-in QA has all three (tasks/stdlib_qa.py: recipes are chosen on dev, test is
@@ -16,7 +17,9 @@ import os
 
 from nanochat.common import builtin_dir
 from tasks.stdlib_qa import StdlibQA
+from tasks.stdlib_multihop import StdlibMultiHop
 from tasks.qa import SQuAD, HotpotQA, PubMedQA, QAJsonl
+from tasks.multihop import MultiHopQA
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 from tasks.gsm8k import GSM8K
@@ -34,6 +37,8 @@ def _pubmedqa(split, arg):
 TASKS = {
     "builtin": ("built-in stdlib QA: train = rag modules, dev and test = two disjoint sets of held-out modules",
                 lambda split, arg: StdlibQA({"train": "train", "dev": "dev", "test": "eval"}[split])),
+    "builtin-multihop": ("built-in stdlib two-document questions with gold hops (same module split as builtin)",
+                         lambda split, arg: StdlibMultiHop({"train": "train", "dev": "dev", "test": "eval"}[split])),
     "squad": ("SQuAD v1.1 (HF hub); dev and test are its validation split",
               lambda split, arg: SQuAD("train" if split == "train" else "validation")),
     "hotpotqa": ("HotpotQA distractor (HF hub); dev and test are its validation split",
@@ -63,7 +68,8 @@ def load_task(spec, split="test"):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if os.path.isfile(spec):
-        return QAJsonl(spec)
+        qa = QAJsonl(spec)
+        return MultiHopQA(spec) if any(ex.get("hops") for ex in qa.examples) else qa
     name, _, arg = spec.partition(":")
     name = ALIASES.get(name, name)
     if name not in TASKS:

@@ -107,7 +107,8 @@ def test_reward_components():
     assert r["citation"] == 0.5
     assert compute_rag_reward("Paris [7]", ["Paris"], DOCS, gold_doc_ids=["fr"])["citation"] == 0.0  # out of range
     assert compute_rag_reward("Paris", ["Paris"], DOCS, gold_doc_ids=["fr"])["citation"] == 0.0     # gold, uncited
-    assert compute_rag_reward(NO_ANSWER, [NO_ANSWER], DOCS, gold_doc_ids=["xx"])["citation"] == 1.0  # nothing to cite
+    # citing nothing earns no citation credit, even when no gold document was retrieved (it used to earn 1.0)
+    assert compute_rag_reward(NO_ANSWER, [NO_ANSWER], DOCS, gold_doc_ids=["xx"])["citation"] == 0.0
     r = compute_rag_reward("Madrid marathon", ["Paris"], DOCS, gold_doc_ids=["fr"])
     assert (r["em"], r["f1"], r["citation"], r["hallucination"]) == (0.0, 0.0, 0.0, 1.0)
     assert r["reward"] == pytest.approx(-0.5)
@@ -119,7 +120,14 @@ def test_reward_components():
     assert r["reward"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown reward weights"):
         compute_rag_reward("x", ["x"], DOCS, weights={"emm": 1})
-    assert citation_correctness([], DOCS, []) == 1.0
+    assert citation_correctness([], DOCS, []) == 0.0
+    # a malformed trajectory (the Engine's format_errors) costs w_format
+    ok = compute_rag_reward("Paris [1]", ["Paris"], DOCS, ["fr"])
+    bad = compute_rag_reward("Paris [1]", ["Paris"], DOCS, ["fr"], format_errors=["unclosed query"])
+    assert bad["malformed"] == 1.0 and bad["reward"] == pytest.approx(ok["reward"] - 0.5)
+    # bracketed content that is the answer is not a citation; gold answers are normalised the same way
+    r = compute_rag_reward("[0, 1] [2]", ["[0, 1]"], [DOCS[0], {"id": "l", "title": "", "content": "[0, 1]"}], ["l"])
+    assert (r["em"], r["citation"]) == (1.0, 1.0)
 
 
 def test_raft_examples():
