@@ -24,11 +24,12 @@ found, or when no document fits the tokens the row has left, the block carries a
 """
 
 import math
+import warnings
 from collections import deque
 
 import torch
 
-from nanochat.gpt import sample_next_token
+from nanochat.gpt import GPT, sample_next_token
 from nanochat.execution import use_calculator
 from nanochat.rag_utils import as_doc_dict
 from nanochat.tokenizer import (DOC_CHARS, MAX_CHARS_PER_TOKEN, NOTICE_HOP_CAP, NOTICE_NO_NEW_DOCUMENTS,
@@ -98,6 +99,139 @@ class InferenceCache:
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 
+    def reset(self):
+        """Empty again without reallocating (the fast decoder reuses its buffers and graph across generations):
+        pos 0 and zero Mamba states; stale keys/values past pos are never read (overwritten, or masked)."""
+        self.pos = 0
+        for layer in self.layers:
+            if isinstance(layer, MambaLayerCache):
+                layer.conv_state.zero_()
+                layer.ssm_state.zero_()
+
+    def first_row(self):
+        """A batch-1 cache that is a view of row 0 of this one: writing through it writes this cache."""
+        layers = [KVLayerCache(l.k[:1], l.v[:1]) if isinstance(l, KVLayerCache) else
+                  MambaLayerCache(l.conv_state[:1], l.ssm_state[:1]) for l in self.layers]
+        new = InferenceCache.__new__(InferenceCache)
+        new.batch_size, new.max_seq_len, new.dtype, new.pos, new.layers = 1, self.max_seq_len, self.dtype, self.pos, layers
+        return new
+
+    def copy_first_row(self):
+        """Copy row 0 into every other row (keys/values up to pos, whole Mamba states): replicate() in place."""
+        n = self.batch_size - 1
+        if n == 0:
+            return
+        for layer in self.layers:
+            if isinstance(layer, KVLayerCache):
+                for t in (layer.k, layer.v):
+                    t[1:, :, :self.pos].copy_(t[:1, :, :self.pos].expand(n, -1, -1, -1))
+            else:
+                layer.conv_state[1:].copy_(layer.conv_state[:1].expand(n, -1, -1))
+                layer.ssm_state[1:].copy_(layer.ssm_state[:1].expand(n, -1, -1, -1))
+
+
+def _bucket(n):
+    """The static cache length for n positions: n rounded up to a multiple of 2**(bits(n) - 4) (at least 64), and at
+    least 256, so generations of similar lengths share one decoder and the masked tail stays small (<= 1/8 of the
+    cache past 512 positions)."""
+    q = 2 ** max(n.bit_length() - 4, 6)
+    return max(256, -(-n // q) * q)
+
+
+class FastDecoder:
+    """
+    The one-token decode step with static shapes, over a preallocated cache of batch_size rows and max_seq_len
+    positions. The token ids and the position are device tensors (idx (B, 1), pos (1,)); attention reads the whole
+    cache with the positions after pos masked (GPT.forward's decode_pos path, gpt.decode_attention); the Mamba
+    conv/SSM states are updated in place (copy_, Mamba2._step). So every step is the same kernels on the same
+    addresses, whatever the position: on CUDA it is captured once as a CUDA graph and then replayed per token,
+    one launch instead of hundreds (batch-1 decode was launch-bound: ~9-17 ms per token at d12 on an H200 for
+    weights that read in well under 1 ms, benchmarks/RESULTS.md). On CPU (graph=False) the same step runs eagerly:
+    the tests check it equals GPT.forward with a cache. Prefill and multi-token forced chunks run GPT.forward on
+    the same cache (self.cache), so the tool state machine of the Engine works on top of it unchanged.
+    """
+
+    def __init__(self, model, batch_size, max_seq_len, graph):
+        device = model.get_device()
+        if max_seq_len > model.cos.size(1):
+            model._grow_rotary(max_seq_len)  # before capture: the graph reads the rotary tables at fixed addresses
+        self.model, self.batch_size, self.max_seq_len = model, batch_size, max_seq_len
+        self.cache = InferenceCache(model, batch_size, max_seq_len)
+        self.idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.autocast = _autocast_state(device)
+        self.signature = _signature(model, self.autocast)
+        self.graph = None
+        self.logits = None
+        if graph:
+            try:
+                self._capture()
+            except RuntimeError as e:  # a capture refused here (another library's unsafe call, a driver limit): the
+                self.graph = None     # same step eagerly, still static and still right, only not launch-free
+                warnings.warn(f"FastDecoder: CUDA graph capture failed ({e}); decoding with the eager static step")
+
+    def _forward(self):
+        return self.model(self.idx, cache=self.cache, decode_pos=self.pos)[:, -1, :]
+
+    def _capture(self):
+        enabled, dtype = self.autocast
+        # warm up on a side stream (Triton JIT of the Mamba step, cuBLAS workspaces), as torch.cuda.graph asks;
+        # this writes position 0 and the Mamba states, which the next prefill resets. Autocast's weight-cast cache
+        # is off: a cast cached outside the capture would be read by the graph after autocast frees it
+        amp = torch.autocast(self.model.get_device().type, dtype=dtype, enabled=enabled, cache_enabled=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), amp:
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), amp:  # other threads may use CUDA
+            self.logits = self._forward()
+
+    def fits(self, model, batch_size, need):
+        """Whether this decoder can run a generation of batch_size rows and need positions for model as it is now
+        (same weights and rotary tables at the same addresses, same autocast) without attending over a cache much
+        longer than needed."""
+        return (model is self.model and batch_size == self.batch_size and need <= self.max_seq_len <= 2 * _bucket(need)
+                and self.signature == _signature(model, _autocast_state(model.get_device())))
+
+    def prefill(self, ids):
+        """Reset the cache, run the prompt ids (1, T) through row 0 and copy it to every row: (B, V) last logits."""
+        self.cache.reset()
+        row = self.cache.first_row()
+        logits = self.model(ids, cache=row, last_only=True)[:, -1, :]
+        self.cache.pos = row.pos
+        self.cache.copy_first_row()
+        return logits.expand(self.batch_size, -1)
+
+    def step(self, ids):
+        """One token per row (ids (B, 1), any device) at cache.pos; returns (B, V) logits, overwritten by the next
+        step, and advances cache.pos."""
+        if self.cache.pos >= self.max_seq_len:
+            raise RuntimeError(f"FastDecoder: position {self.cache.pos} is past the static cache ({self.max_seq_len})")
+        self.idx.copy_(ids)
+        self.pos.fill_(self.cache.pos)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._forward()
+        self.cache.pos += 1
+        return logits
+
+
+def _autocast_state(device):
+    return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
+def _signature(model, autocast):
+    """What a captured step depends on besides its inputs: the addresses and dtypes of the weights and rotary tables
+    (a .to(), a rotary growth or a new parameter makes a new decoder), the Mamba implementation, and autocast."""
+    params = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+    mixers = tuple(b.mixer.impl for b in model.transformer.h if b.kind == "M")
+    return params, model.cos.data_ptr(), model.sin.data_ptr(), mixers, autocast
+
 
 # -----------------------------------------------------------------------------
 # the engine
@@ -135,13 +269,16 @@ class Engine:
     ANSWER_RESERVE = 64
 
     def __init__(self, model, tokenizer, retriever=None, retrieval_top_k=3, max_hops=3, doc_chars=DOC_CHARS,
-                 force_chunks=True):
+                 force_chunks=True, fast_decode=None):
         """
         retriever: anything with retrieve(query, top_k) -> [(Document, score)] or document dicts (a
         RetrievalManager, any KB type); None = no retrieval tool. retrieval_top_k: new documents shown per query
         (the best ones this row has not shown yet). max_hops: follow-up queries answered per row. doc_chars: the
         character cap of every document (tokenizer.cut_document). force_chunks=False forces queued tool output
         one token per forward (the reference the chunked path is tested against).
+        fast_decode: the one-token steps through a FastDecoder (static-shape step over a preallocated cache,
+        replayed from a CUDA graph on CUDA, run eagerly on CPU); same tokens as the plain path. None (default) =
+        on for a GPT on CUDA, off otherwise; False = GPT.forward with a cache at every step (the reference).
         """
         if not _is_int(retrieval_top_k) or retrieval_top_k < 1:
             raise ValueError(f"retrieval_top_k must be a positive int, got {retrieval_top_k!r}")
@@ -149,6 +286,10 @@ class Engine:
             raise ValueError(f"max_hops must be an int >= 0, got {max_hops!r}")
         if not _is_int(doc_chars) or doc_chars < 1:
             raise ValueError(f"doc_chars must be a positive int, got {doc_chars!r}")
+        if fast_decode is not None and not isinstance(fast_decode, bool):
+            raise ValueError(f"fast_decode must be None (auto), True or False, got {fast_decode!r}")
+        if fast_decode and not isinstance(model, GPT):
+            raise ValueError(f"fast_decode=True needs a nanochat GPT (its decode_pos step), got {type(model).__name__}")
         self.model = model
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -156,6 +297,9 @@ class Engine:
         self.max_hops = max_hops
         self.doc_chars = doc_chars
         self.force_chunks = force_chunks
+        self.fast_decode = fast_decode
+        self._decoder = None  # the FastDecoder of the last fast generation (its cache and graph), reused when it fits
+        self._decoder_busy = False  # a generation is using it (an interleaved second one takes the plain path)
         enc = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = enc("<|assistant_end|>")
@@ -163,10 +307,12 @@ class Engine:
         # only the Engine writes document blocks: the model sampling one of these is a format error
         self.block_tokens = {enc(n) for n in ("<|retrieval_start|>", "<|retrieval_end|>", "<|doc_start|>",
                                               "<|doc_end|>")}
-        # tools: end token -> (start token, function(row, text, tokens left) -> list of token ids to force)
-        self.tools = {enc("<|python_end|>"): (enc("<|python_start|>"), self._run_calculator)}
+        # tools: end token -> (start token, function(engine, row, text, tokens left) -> list of token ids to force)
+        # plain functions, called with the Engine: bound methods here would make the Engine a reference cycle, which
+        # `del engine` does not free (only the garbage collector does), and with it the fast decoder's GPU cache
+        self.tools = {enc("<|python_end|>"): (enc("<|python_start|>"), Engine._run_calculator)}
         if retriever is not None:
-            self.tools[self.query_end] = (self.query_start, self._run_retrieval)
+            self.tools[self.query_end] = (self.query_start, Engine._run_retrieval)
 
     # ---- tools
 
@@ -243,7 +389,7 @@ class Engine:
             row.tool, row.tool_tokens = starts[tok], []
         elif row.tool is not None and tok == row.tool:
             _, fn = self.tools[row.tool]
-            row.forced.extend(fn(row, self.tokenizer.decode(row.tool_tokens), left))
+            row.forced.extend(fn(self, row, self.tokenizer.decode(row.tool_tokens), left))
             row.tool, row.tool_tokens = None, []
         elif row.tool is not None:
             row.tool_tokens.append(tok)
@@ -258,6 +404,23 @@ class Engine:
             self._step_tools(row, tok, left)
 
     # ---- generation
+
+    def _fast_decoder(self, batch_size, need, device):
+        """The FastDecoder for this generation, or None for the plain path (fast decode off, or in use by another
+        generation of this Engine that is still streaming)."""
+        fast = self.fast_decode if self.fast_decode is not None else (isinstance(self.model, GPT) and device.type == "cuda")
+        if not fast or self._decoder_busy:
+            return None
+        if self._decoder is None or not self._decoder.fits(self.model, batch_size, need):
+            self._decoder = None  # free the old cache and graph before allocating the new ones
+            self._decoder = FastDecoder(self.model, batch_size, _bucket(need), graph=device.type == "cuda")
+        return self._decoder
+
+    def release_decoder(self):
+        """Drop the fast decoder's static cache and CUDA graph (their memory); the next generation builds new ones.
+        Callers that train between generations (refrag_finetune) can call this to give the memory back."""
+        if not self._decoder_busy:
+            self._decoder = None
 
     def _sample(self, logits, rows, rngs, temperature, top_k):
         """{row index: token} for the row indices in rows. Row i draws from its own generator, and only when it
@@ -333,12 +496,26 @@ class Engine:
             rngs.append(g)
 
         # prefill once at batch 1, then replicate the cache to num_rows rows
+        prompt = torch.tensor([tokens], dtype=torch.long, device=device)
+        decoder = self._fast_decoder(num_rows, len(tokens) + max_tokens, device)
+        if decoder is not None:
+            self._decoder_busy = True
+            try:
+                yield from self._loop(rows, decoder.prefill(prompt), decoder.cache, decoder, max_tokens, rngs,
+                                      temperature, top_k, device)
+            finally:  # also when the caller stops iterating early (the generator is closed)
+                self._decoder_busy = False
+            return
         cache = InferenceCache(model, 1, len(tokens) + max_tokens)
-        logits = model(torch.tensor([tokens], dtype=torch.long, device=device), cache=cache)[:, -1, :]
+        logits = model(prompt, cache=cache, last_only=True)[:, -1, :]
         if num_rows > 1:
             cache = cache.replicate(num_rows)
             logits = logits.expand(num_rows, -1)
+        yield from self._loop(rows, logits, cache, None, max_tokens, rngs, temperature, top_k, device)
 
+    def _loop(self, rows, logits, cache, decoder, max_tokens, rngs, temperature, top_k, device):
+        """Sample / force one column per forward until max_tokens or every row is done. One-token columns go
+        through decoder.step when there is a decoder, multi-token forced chunks through GPT.forward on the cache."""
         produced = 0
         while produced < max_tokens:
             to_sample = [i for i, r in enumerate(rows) if not r.completed and not r.forced]
@@ -366,8 +543,11 @@ class Engine:
             produced += 1 + extra
             if produced >= max_tokens or all(r.completed for r in rows):
                 break
-            ids = torch.tensor([[t for t, _ in c] for c in chunk], dtype=torch.long, device=device)
-            logits = model(ids, cache=cache)[:, -1, :]
+            if decoder is not None and extra == 0:
+                logits = decoder.step(torch.tensor([[c[0][0]] for c in chunk], dtype=torch.long))
+            else:
+                ids = torch.tensor([[t for t, _ in c] for c in chunk], dtype=torch.long, device=device)
+                logits = self.model(ids, cache=cache, last_only=True)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: returns (results, masks), per row the tokens generated before the terminal token."""

@@ -379,12 +379,14 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # forward
 
-    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", decode_pos=None):
+    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", decode_pos=None, last_only=False):
         """
         idx: (B, T) token ids. targets: (B, T) with -1 = ignore, or None (returns logits).
         cache: an engine.InferenceCache; the new tokens are placed at cache.pos, the cache advances by T.
         decode_pos: the static-shape one-token step of engine.FastDecoder: a (1,) long tensor on the model's device
         (T must be 1); the token goes there instead of cache.pos, and cache.pos is left to the caller.
+        last_only: logits of the last position only, (B, 1, V): what generation reads after a prefill (the logits of
+        a 32K-token prompt are 8 GiB in fp32 at a 65,536 vocabulary).
         """
         B, T = idx.size()
         if decode_pos is not None:
@@ -412,7 +414,7 @@ class GPT(nn.Module):
             logits = softcap * torch.tanh(logits / softcap)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                    reduction=loss_reduction)
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x[:, -1:] if last_only else x).float()
         return softcap * torch.tanh(logits / softcap)
 
     @torch.inference_mode()

@@ -106,7 +106,7 @@ class ScriptedModel(torch.nn.Module):
     def get_device(self):
         return torch.device("cpu")
 
-    def forward(self, ids, cache=None):
+    def forward(self, ids, cache=None, last_only=False):
         B, T = ids.shape
         cache.pos += T
         self.fed.append(ids.clone())
@@ -249,6 +249,84 @@ def test_engine_argument_errors():
                           (dict(max_hops=True), "max_hops"), (dict(doc_chars=0), "doc_chars")]:
         with pytest.raises(ValueError, match=match):
             Engine(model, tok, **kwargs)
+
+
+def test_fast_decode_argument_errors():
+    tok = CharTokenizer()
+    for bad in ("yes", 1, 0):
+        with pytest.raises(ValueError, match="fast_decode must be None \\(auto\\), True or False"):
+            Engine(make_model("TM", seq_len=16), tok, fast_decode=bad)
+    with pytest.raises(ValueError, match="fast_decode=True needs a nanochat GPT"):
+        Engine(ScriptedModel([0], tok.get_vocab_size()), tok, fast_decode=True)
+    Engine(ScriptedModel([0], tok.get_vocab_size()), tok, fast_decode=False)
+
+
+class FarTok(CharTokenizer):
+    def encode_special(self, name):
+        return 200 + self.specials.index(name)  # outside a 97-token vocab: generation never calls a tool
+
+    def get_bos_token_id(self):
+        return 200
+
+
+def test_fast_decoder_is_reused_and_rebuilt():
+    # one static cache (and, on CUDA, one graph) serves every generation it fits: a reused cache holds the previous
+    # generation's keys/values and Mamba states, and each generation still equals the plain path; a longer one or
+    # another batch size builds a new decoder; on CPU the default is the plain path
+    model = make_model("TMMT")
+    fast, plain = Engine(model, FarTok(), fast_decode=True), Engine(model, FarTok(), fast_decode=False)
+    auto = Engine(model, FarTok())
+    a, b = torch.randint(0, 97, (30,)).tolist(), torch.randint(0, 97, (9,)).tolist()
+    runs = [(a, 2, 20), (b, 2, 12), (a, 2, 20), (b, 3, 12), (a, 3, 300)]
+    decoders = []
+    for prompt, n, max_tokens in runs:
+        kwargs = dict(num_samples=n, max_tokens=max_tokens, temperature=1.0, seed=5)
+        assert fast.generate_batch(prompt, **kwargs) == plain.generate_batch(prompt, **kwargs)
+        decoders.append(fast._decoder)
+    assert decoders[0] is decoders[1] is decoders[2] and decoders[0].max_seq_len == 256
+    assert decoders[3] is not decoders[2] and decoders[3].batch_size == 3
+    assert decoders[4].max_seq_len == 384 and decoders[4].cache.pos <= 330
+    auto.generate_batch(b, max_tokens=3)
+    assert auto._decoder is None and plain._decoder is None
+    fast.release_decoder()
+    assert fast._decoder is None
+
+
+def test_deleting_the_engine_frees_its_decoder():
+    # the static cache is GPU memory on CUDA: `del engine` must free it at once, not at the next garbage collection
+    import gc
+    import weakref
+    engine = Engine(make_model("TM"), FarTok(), fast_decode=True)
+    engine.generate_batch([1, 2, 3], max_tokens=3, temperature=0.0)
+    ref = weakref.ref(engine._decoder)
+    gc.disable()
+    try:
+        del engine
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_interleaved_fast_generations():
+    # two streams of one Engine advanced in turn: the second cannot share the static cache, so it takes the plain
+    # path; closing a stream early gives the decoder back
+    model = make_model("TM")
+    engine, plain = Engine(model, FarTok(), fast_decode=True), Engine(model, FarTok(), fast_decode=False)
+    p1, p2 = torch.randint(0, 97, (11,)).tolist(), torch.randint(0, 97, (7,)).tolist()
+    s1 = engine.generate(p1, num_samples=2, max_tokens=10, temperature=0.0)
+    s2 = engine.generate(p2, num_samples=2, max_tokens=10, temperature=0.0)  # same shape: the same decoder fits
+    cols1, cols2 = [], []
+    for c1, c2 in zip(s1, s2):
+        cols1.append(c1[0])
+        cols2.append(c2[0])
+    assert len(cols1) == len(cols2) == 10
+    assert cols1 == [c for c, _ in plain.generate(p1, num_samples=2, max_tokens=10, temperature=0.0)]
+    assert cols2 == [c for c, _ in plain.generate(p2, num_samples=2, max_tokens=10, temperature=0.0)]
+    s3 = engine.generate(p1, max_tokens=10, temperature=0.0)
+    next(s3)
+    assert engine._decoder_busy
+    s3.close()
+    assert not engine._decoder_busy
 
 
 def test_hybrid_cache_is_smaller_at_long_context():
