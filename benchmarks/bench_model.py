@@ -117,6 +117,41 @@ def save(args, out):
         atomic_write_json(args.output, out)
 
 
+def measure_training(row, build, args, batch, seq_len, peak):
+    """Train a fresh model from build() for the timed steps and put tokens/s, step time, loss, memory and MFU into
+    row; an exception (an OOM at 32K without checkpointing, say) is recorded in row so it does not hide the others."""
+    model = None
+    try:
+        torch.manual_seed(0)
+        model = build()
+        dt, first_s, loss = timed_training(model, args, batch, seq_len)
+        tok_s = batch * seq_len / dt
+        row.update(tokens_per_s=tok_s, step_ms=1000 * dt, compile_s=first_s, loss=loss, peak_mem_gib=peak_gib(args),
+                   mfu=100 * model.estimate_flops() * tok_s / peak if peak else None)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        del model
+        fresh_memory(args)
+
+
+def table_head(title, columns):
+    print(f"\n### {title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+
+
+def table_line(r, keys, measured):
+    """One markdown row: the row's key cells, then measured(r)'s cells, or its error message when it failed."""
+    head = "| " + " | ".join(str(k) for k in keys) + " |"
+    return f"{head} {r['error'][:80]} |" if "error" in r else head + " " + " | ".join(measured(r)) + " |"
+
+
+def all_t_row(rows, r, keys, field):
+    """The all-T row measured at the same settings (keys) as r, with a value for field: the ratios' denominator."""
+    return next((q for q in rows if q["pattern"] == "all-T" and field in q and all(q[k] == r[k] for k in keys)), None)
+
+
 def fmt(v, spec, empty="-"):
     return empty if v is None else format(v, spec)
 
@@ -170,37 +205,19 @@ def bench_longtrain(args, out):
                 else:
                     if args.compile:
                         torch._dynamo.reset()  # a fresh cache per row (else the recompile limit can fall back to eager)
-                    model = None
-                    try:
-                        torch.manual_seed(0)
-                        model = make_model(blocks, args, seq_len).set_activation_checkpointing(ckpt)
-                        dt, first_s, loss = timed_training(model, args, batch, seq_len)
-                        tok_s = batch * seq_len / dt
-                        row.update(tokens_per_s=tok_s, step_ms=1000 * dt, compile_s=first_s, loss=loss,
-                                   peak_mem_gib=peak_gib(args),
-                                   mfu=100 * model.estimate_flops() * tok_s / peak if peak else None)
-                    except Exception as e:  # one failing configuration (OOM at 32K without checkpointing) must not hide the others
-                        row["error"] = f"{type(e).__name__}: {e}"[:300]
-                    finally:
-                        del model
-                        fresh_memory(args)
+                    measure_training(row, lambda: make_model(blocks, args, seq_len).set_activation_checkpointing(ckpt),
+                                     args, batch, seq_len, peak)
                 rows.append(row)
                 print(row, flush=True)
                 save(args, out)
-    print(f"\n### training by sequence length, {args.depth} x {args.n_embd}, {args.tokens_per_step:,} tokens per step, "
-          f"compile={args.compile}, {args.device_name}")
-    print("| pattern | seq len | batch | checkpointing | tokens/s | vs all-T | peak GiB | step ms | MFU % | first step s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    table_head(f"training by sequence length, {args.depth} x {args.n_embd}, {args.tokens_per_step:,} tokens per step, "
+               f"compile={args.compile}, {args.device_name}", ["pattern", "seq len", "batch", "checkpointing", "tokens/s",
+               "vs all-T", "peak GiB", "step ms", "MFU %", "first step s"])
     for r in rows:
-        head = f"| {r['pattern']} | {r['seq_len']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} |"
-        if "error" in r:
-            print(f"{head} {r['error'][:80]} | | | | | |")
-            continue
-        base = next((q for q in rows if q["pattern"] == "all-T" and q["seq_len"] == r["seq_len"]
-                     and q["checkpointing"] == r["checkpointing"] and "tokens_per_s" in q), None)
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        print(f"{head} {r['tokens_per_s']:,.0f} | {ratio} | {fmt(r['peak_mem_gib'], '.1f')} | {r['step_ms']:.0f} | "
-              f"{fmt(r['mfu'], '.1f')} | {r['compile_s']:.1f} |")
+        base = all_t_row(rows, r, ("seq_len", "checkpointing"), "tokens_per_s")
+        print(table_line(r, [r["pattern"], r["seq_len"], r["batch"], "on" if r["checkpointing"] else "off"], lambda r: [
+            f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-",
+            fmt(r["peak_mem_gib"], ".1f"), f"{r['step_ms']:.0f}", fmt(r["mfu"], ".1f"), f"{r['compile_s']:.1f}"]))
 
 
 # -----------------------------------------------------------------------------
@@ -257,21 +274,15 @@ def bench_decode(args, out):
                 save(args, out)
         del model, engine
         fresh_memory(args)
-    print(f"\n### prefill + decode through Engine.generate (greedy, {args.decode_steps} steps), {args.depth} x "
-          f"{args.n_embd}, {args.device_name}")
-    print("| pattern | context | batch | prefill s | decode tokens/s | vs all-T | cache MiB | cache vs all-T | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    table_head(f"prefill + decode through Engine.generate (greedy, {args.decode_steps} steps), {args.depth} x "
+               f"{args.n_embd}, {args.device_name}", ["pattern", "context", "batch", "prefill s", "decode tokens/s",
+               "vs all-T", "cache MiB", "cache vs all-T", "peak GiB"])
     for r in rows:
-        head = f"| {r['pattern']} | {r['context']} | {r['batch']} |"
-        if "error" in r:
-            print(f"{head} {r['error'][:80]} | | | | | |")
-            continue
-        base = next((q for q in rows if q["pattern"] == "all-T" and q["context"] == r["context"]
-                     and q["batch"] == r["batch"] and "cache_mib" in q), None)
-        speed = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-"
-        cache = f"{r['cache_mib'] / base['cache_mib']:.3f}" if base else "-"
-        print(f"{head} {r['prefill_s']:.3f} | {r['decode_tokens_per_s']:,.1f} | {speed} | {r['cache_mib']:,.1f} | "
-              f"{cache} | {fmt(r['peak_mem_gib'], '.1f')} |")
+        base = all_t_row(rows, r, ("context", "batch"), "cache_mib")
+        print(table_line(r, [r["pattern"], r["context"], r["batch"]], lambda r: [
+            f"{r['prefill_s']:.3f}", f"{r['decode_tokens_per_s']:,.1f}",
+            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-", f"{r['cache_mib']:,.1f}",
+            f"{r['cache_mib'] / base['cache_mib']:.3f}" if base else "-", fmt(r["peak_mem_gib"], ".1f")]))
 
 
 # -----------------------------------------------------------------------------
@@ -295,19 +306,8 @@ def bench_train(args, out):
             else:
                 if args.compile:
                     torch._dynamo.reset()
-                model = None
-                try:
-                    torch.manual_seed(0)
-                    model = make_model(blocks, args, args.seq_len, mamba_impl=impl, scan_op=scan_op)
-                    dt, first_s, loss = timed_training(model, args, args.batch_size, args.seq_len)
-                    tok_s = args.batch_size * args.seq_len / dt
-                    row.update(tokens_per_s=tok_s, step_ms=1000 * dt, compile_s=first_s, loss=loss,
-                               peak_mem_gib=peak_gib(args), mfu=100 * model.estimate_flops() * tok_s / peak if peak else None)
-                except Exception as e:  # one failing configuration must not hide the others
-                    row["error"] = f"{type(e).__name__}: {e}"[:300]
-                finally:
-                    del model
-                    fresh_memory(args)
+                measure_training(row, lambda: make_model(blocks, args, args.seq_len, mamba_impl=impl, scan_op=scan_op),
+                                 args, args.batch_size, args.seq_len, peak)
             rows.append(row)
             print(row, flush=True)
             save(args, out)

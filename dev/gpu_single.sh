@@ -14,7 +14,15 @@
 #   sft              chat_sft of the hybrid on the built-in chat set
 #   rag              rag_finetune of the SFT hybrid (RAG_EPOCHS, --keep-best, --p-no-gold 0.1), top-3 BM25
 #   sft_same_tokens  plain chat_sft at rag's tokens per step (the step-time ratio)
-#   rag_eval         closed-book vs RAG on the held-out questions
+#   rag_eval         closed-book vs RAG on the held-out questions (the old all-in-one evaluation)
+#   rag_dev          rag_eval --split dev of RAG_TAG: the RAG row beside the baselines, for choosing a recipe
+#   rag_test         rag_eval --split test of RAG_TAG: closed-book, RAG, the SFT parent with documents, baselines
+#   refrag           refrag_finetune from RAG_TAG on the built-in multi-hop set (stage 1 + RL_STEPS of RL)
+#   refrag_eval      rag_eval --multihop on the built-in multi-hop test split: REFRAG-RL (all systems), REFRAG-SFT
+#   mh_data          a BM25 KB over .carry/multihop/corpus.jsonl (../shared/data/multihop, carried)
+#   mh_rag           rag_finetune of the SFT model on .carry/multihop/train.jsonl (tag mh_rag)
+#   mh_eval          rag_eval on .carry/multihop/dev.jsonl (closed-book vs single-shot RAG, baselines)
+# Variables: RAG_TAG (hybrid_rag), RAG_FLAGS (rag_finetune recipe), TOPK (3), RL_STEPS (20), EV (questions per eval).
 # Every training stage writes its checkpoints under its own tag (base_checkpoints/hybrid and /allT,
 # sft_checkpoints/hybrid_sft and /sftref, rag_checkpoints/hybrid_rag) with --overwrite, so a re-run replaces its
 # stage's checkpoints and a later stage never loads an older run's higher step; a base stage is skipped when the
@@ -35,7 +43,7 @@ case "${PHASE:-}" in
 esac
 STAGES=${STAGES:?set STAGES (a list of stages, see the header) or PHASE=A|B}
 for st in $STAGES; do  # every name checked before anything runs
-    case " data data_bg mamba_check bench_compiled bench_eager bench_decode base_hybrid base_allT sft rag sft_same_tokens rag_eval " in
+    case " data data_bg mamba_check bench_compiled bench_eager bench_decode base_hybrid base_allT sft rag sft_same_tokens rag_eval rag_dev rag_test refrag refrag_eval mh_data mh_rag mh_eval " in
         *" $st "*) ;; *) echo "unknown stage $st (see the header of dev/gpu_single.sh)"; exit 2 ;; esac; done
 TAG=${PHASE:-run}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"; S=$OUT/summary_${TAG}.txt
@@ -59,12 +67,17 @@ if [ "${SMALL:-0}" = 1 ]; then
 else
     D="--depth 8 --aspect-ratio 64 --head-dim 128"
     HYB=MMMTMMMT; ALLT=TTTTTTTT; SEQ=2048; DBS=32; TBS=262144; IT=${IT:-300}; VOCAB=16384
-    SRC="--with-source --site-packages --max-chars 3e8"; COMPILE=1; EV=200; RSEQ=1024; BSMALL=
+    SRC="--with-source --site-packages --max-chars 3e8"; COMPILE=1; EV=${EV:-200}; RSEQ=1024; BSMALL=
+    [ -f .carry/prose/prose.parquet ] && SRC="$SRC --prose .carry/prose/prose.parquet"  # dev/build_prose.sh, carried
     QA="--max-train 6000 --max-docs 8000"  # every rag-module question (~2,450; see tasks/stdlib_docs.py)
 fi
 COMMON="$D --max-seq-len $SEQ --device-batch-size $DBS --total-batch-size $TBS --data-dir $B/corpus \
     --eval-every 100 --eval-tokens $((TBS * 4)) --sample-every -1 --compile $COMPILE --log-every 25"
-RAG="--knowledge-base $B/kb --top-k 3 --device-batch-size 16 --max-seq-len $RSEQ --eval-steps 4 --log-every 20 --compile $COMPILE"
+TOPK=${TOPK:-3}; RAG_TAG=${RAG_TAG:-hybrid_rag}; RL_STEPS=${RL_STEPS:-20}
+RAG_FLAGS=${RAG_FLAGS:---num-epochs 3 --keep-best --p-no-gold 0.1}
+RAG="--knowledge-base $B/kb --top-k $TOPK --device-batch-size 16 --max-seq-len $RSEQ --eval-steps 4 --log-every 20 --compile $COMPILE"
+MH=.carry/multihop  # ../shared/data/multihop, carried as .gz (the tree's size limit)
+if ls $MH/*.gz >/dev/null 2>&1; then for f in $MH/*.gz; do [ -f "${f%.gz}" ] || gunzip -k "$f"; done; fi
 DATA_PID=
 
 # ----
@@ -93,10 +106,33 @@ run_stage() {
     base_hybrid)     base $HYB hybrid ${IT_HYB:-$IT} ;;
     base_allT)       base $ALLT allT ${IT_ALLT:-$IT} ;;
     sft)             wait_data; step sft python3 -m scripts.chat_sft --source base --model-tag hybrid --output-tag hybrid_sft --overwrite \
-                         --data builtin --num-epochs 2 --device-batch-size 32 --max-seq-len 512 --eval-every 20 --eval-steps 4 --compile 0 \
+                         --data builtin --num-epochs ${SFT_EPOCHS:-2} --device-batch-size 32 --max-seq-len 512 --eval-every 20 --eval-steps 4 --compile 0 \
                          --log-every 10 --init-lr-frac 0.5 ;;
-    rag)             step rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid_sft --output-tag hybrid_rag --overwrite \
-                         --num-epochs ${RAG_EPOCHS:-3} --eval-every 25 --keep-best --init-lr-frac 0.5 --p-no-gold 0.1 $RAG ;;
+    rag)             step rag_$RAG_TAG python3 -m scripts.rag_finetune --source sft --model-tag hybrid_sft --output-tag $RAG_TAG --overwrite \
+                         --eval-every 25 --init-lr-frac 0.5 $RAG_FLAGS $RAG ;;
+    rag_dev)         TAILN=30 step rag_dev_$RAG_TAG python3 -m scripts.rag_eval --source rag --model-tag $RAG_TAG --top-k $TOPK --split dev \
+                         --modes rag --compare none --max-examples $EV --max-new-tokens 64 --output "$OUT/rag_dev_$RAG_TAG" ;;
+    rag_test)        TAILN=30 step rag_test_$RAG_TAG python3 -m scripts.rag_eval --source rag --model-tag $RAG_TAG --top-k $TOPK --split test \
+                         --modes closed_book,rag --max-examples $EV --max-new-tokens 64 --output "$OUT/rag_test_$RAG_TAG" ;;
+    refrag)          step refrag python3 -m scripts.refrag_finetune --source rag --model-tag $RAG_TAG --output-tag hybrid_refrag --overwrite \
+                         --knowledge-base $B/kb --train-data builtin-multihop --top-k $TOPK --top-k-per-hop 3 --max-hops 2 --num-epochs 2 \
+                         --device-batch-size 16 --max-seq-len $((2 * RSEQ)) --eval-every 20 --eval-steps 4 --init-lr-frac 0.5 --compile 0 \
+                         --rl-steps $RL_STEPS --rl-questions 2 --rl-samples 8 --rl-max-new-tokens 256 --rl-eval-every 10 --log-every 5 ;;
+    refrag_eval)     S1=$(python3 -c "import json,glob; print(min(json.load(open(f))['step'] for f in glob.glob('$NANOCHAT_BASE_DIR/refrag_checkpoints/hybrid_refrag/meta_*.json')))")
+                     TAILN=30 step refrag_eval python3 -m scripts.rag_eval --source refrag --model-tag hybrid_refrag --multihop \
+                         --eval-data builtin-multihop --split test --top-k $TOPK --top-k-per-hop 3 --max-hops 2 --max-new-tokens 384 \
+                         --compare none --max-examples -1 --output "$OUT/refrag_test_rl"
+                     TAILN=20 step refrag_eval_sft python3 -m scripts.rag_eval --source refrag --model-tag hybrid_refrag --step $S1 --multihop \
+                         --eval-data builtin-multihop --split test --top-k $TOPK --top-k-per-hop 3 --max-hops 2 --max-new-tokens 384 \
+                         --modes refrag --compare none --no-baselines --max-examples -1 --output "$OUT/refrag_test_sft" ;;
+    mh_data)         step mh_data python3 -m nanochat.retrieval --documents $MH/corpus.jsonl --output $NANOCHAT_BASE_DIR/mh_kb --type bm25 ;;
+    mh_rag)          step mh_rag python3 -m scripts.rag_finetune --source sft --model-tag hybrid_sft --output-tag mh_rag --overwrite \
+                         --knowledge-base $NANOCHAT_BASE_DIR/mh_kb --train-data $MH/train.jsonl --top-k 5 --num-epochs 4 --keep-best \
+                         --eval-every 20 --init-lr-frac 0.5 --p-no-gold 0.1 --device-batch-size 16 --max-seq-len 2048 --eval-steps 4 \
+                         --log-every 20 --compile $COMPILE --val-examples 90 ;;
+    mh_eval)         TAILN=30 step mh_eval python3 -m scripts.rag_eval --source rag --model-tag mh_rag --knowledge-base $NANOCHAT_BASE_DIR/mh_kb \
+                         --eval-data $MH/dev.jsonl --split dev --top-k 5 --modes closed_book,rag --max-examples -1 --max-new-tokens 32 \
+                         --output "$OUT/mh_dev" ;;
     sft_same_tokens) step sft_same_tokens python3 -m scripts.chat_sft --source sft --model-tag hybrid_sft --output-tag sftref --overwrite \
                          --data builtin --num-iterations 60 --eval-every 1000 --device-batch-size 16 --max-seq-len $RSEQ --log-every 10 \
                          --compile $COMPILE ;;

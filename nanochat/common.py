@@ -363,6 +363,16 @@ def get_autocast_ctx(device_type):
     return contextlib.nullcontext()
 
 
+def step_optimizers(optimizers, model, lr_multiplier):
+    """One optimizer step of every training loop: each param group's lr = its initial_lr * lr_multiplier, step,
+    then the gradients are cleared."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
     """Linear warmup, flat, then linear warmdown to final_lr_frac (the trapezoid nanochat uses)."""
     warmup = round(warmup_ratio * num_steps)

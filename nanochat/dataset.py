@@ -275,6 +275,17 @@ def iter_texts(data_dir, split="train", start=0, step=1):
         yield text
 
 
+def sample_texts(data_dir, split, max_chars):
+    """The first documents of a split, up to about max_chars characters (a tokenizer's compression check)."""
+    texts, n = [], 0
+    for doc in iter_texts(data_dir, split):
+        texts.append(doc)
+        n += len(doc)
+        if n >= max_chars:
+            break
+    return texts
+
+
 def parquets_iter_batched(split, start=0, step=1, data_dir=None, batch_size=1024):
     """
     One pass over this rank's documents in batches (lists of str): a batch is one parquet row group, or up to
@@ -331,6 +342,15 @@ def _hub_failure(e, endpoint):
     if isinstance(e, LocalEntryNotFoundError):
         return f"the hub at {endpoint} could not be reached ({_first_line(e.__cause__ or e)})"
     return f"the download failed ({_first_line(e)})"
+
+
+def use_hf_local(path):
+    """What the scripts' --hf-local DIR does: make DIR/<repo_id>/<file> the first place task_files looks
+    (through the environment, so torchrun's other processes and every task see it). None: no change."""
+    if path:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--hf-local: {path} is not a directory (expected DIR/<repo_id>/<file>)")
+        os.environ["NANOCHAT_HF_LOCAL"] = os.path.abspath(path)
 
 
 def hub_file(repo_id, filename, revision="main", hint=""):

@@ -736,15 +736,10 @@ class HybridRetriever(BaseRetriever):
 
 def make_retriever(retriever_type, **kwargs):
     """An empty retriever of the given type (kwargs go to its constructor)."""
-    if retriever_type == "simple":
-        return SimpleRetriever(**kwargs)
-    elif retriever_type == "bm25":
-        return BM25Retriever(**kwargs)
-    elif retriever_type == "dense":
-        return DenseRetriever(**kwargs)
-    elif retriever_type == "hybrid":
-        return HybridRetriever(**kwargs)
-    raise ValueError(f"unknown retriever type {retriever_type!r}; choose from {list(RETRIEVER_TYPES)}")
+    classes = {"simple": SimpleRetriever, "bm25": BM25Retriever, "dense": DenseRetriever, "hybrid": HybridRetriever}
+    if retriever_type not in classes:
+        raise ValueError(f"unknown retriever type {retriever_type!r}; choose from {list(RETRIEVER_TYPES)}")
+    return classes[retriever_type](**kwargs)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ checkpoint and resume.
     parser = ArgumentParser(description="...")
     add_sft_args(parser, default_source="sft")          # the shared flags (model, optimisation, eval, saving)
     args = parser.parse_args()
-    run_sft(args, train_task, val_task, out_source="rag", stage="rag_finetune")
+    run_sft(args, build_tasks, out_source="rag", stage="rag_finetune")   # build_tasks(args) -> (train, val)
 
 Conversations are packed whole into rows of max_seq_len+1 tokens; every target that is not an assistant token is
 -1 (ignored by the loss). Rank r takes every world_size-th conversation of a seeded shuffle, so each process sees
@@ -25,11 +25,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_autocast_ctx, lr_multiplier, get_dist_info,
-                             synchronize, get_peak_flops, compile_and_wrap, add_checkpoint_args)
+from nanochat.common import (compute_init, compute_cleanup, print0, get_autocast_ctx, lr_multiplier, step_optimizers,
+                             get_dist_info, synchronize, get_peak_flops, compile_and_wrap, add_checkpoint_args)
 from nanochat.checkpoint_manager import (load_model, checkpoint_dir, save_checkpoint, load_checkpoint, find_last_step,
                                          make_meta, gather_loader_states, loader_state_for_rank, prepare_checkpoint_dir)
 from nanochat.dataloader import prefetch
+from nanochat.dataset import use_hf_local
 from nanochat.report import log_step, write_stage, reset_log
 from nanochat.tokenizer import ConversationTooLong
 
@@ -211,12 +212,26 @@ def evaluate_loss(model, batches, steps, autocast_ctx):
 # -----------------------------------------------------------------------------
 # the loop
 
-def run_sft(args, train_task, val_task, out_source="sft", stage="sft", cleanup=True):
+
+def make_optimizers(model, args, lr_frac):
+    """The model's optimizers (GPT.setup_optimizers) with every learning rate at lr_frac of the flags' values."""
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, mamba_lr=args.mamba_lr)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["lr"] * lr_frac
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+def run_sft(args, build_tasks, out_source="sft", stage="sft", cleanup=True):
     """
-    Fine-tune args.source's checkpoint on train_task, evaluate on val_task, save to out_source.
-    Returns a dict of key figures (also written to the report as `stage`). cleanup=False keeps the process group
-    for a next stage in the same process.
+    Fine-tune args.source's checkpoint on the tasks build_tasks(args) returns, (train_task, val_task or None), and
+    save to out_source (after --hf-local is applied, so hub tasks find their mirror). Returns a dict of key figures
+    (also written to the report as `stage`). cleanup=False keeps the process group for a next stage in the same
+    process.
     """
+    use_hf_local(args.hf_local)
+    train_task, val_task = build_tasks(args)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     device_type = device.type
     master = rank == 0
@@ -255,13 +270,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft", cleanup=T
     print0(f"{stage}: {len(train_task):,} training conversations, {num_iterations} steps of "
            f"{args.grad_accum_steps} x {B} rows x {T} tokens x {world_size} processes")
 
-    optimizers = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                             matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
-                                             mamba_lr=args.mamba_lr)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["lr"] * args.init_lr_frac
-            group["initial_lr"] = group["lr"]
+    optimizers = make_optimizers(orig_model, args, args.init_lr_frac)
     if optim_state is not None:
         for opt, st in zip(optimizers, optim_state):
             opt.load_state_dict(st)
@@ -321,12 +330,7 @@ def run_sft(args, train_task, val_task, out_source="sft", stage="sft", cleanup=T
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
         lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for opt in optimizers:
-            opt.step()
-        orig_model.zero_grad(set_to_none=True)
+        step_optimizers(optimizers, orig_model, lrm)
         synchronize(device_type)
         dt = time.time() - t0
         step += 1

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, ArgumentParser, get_autocast_ctx, lr_multiplier,
-                             synchronize, get_peak_flops, compile_and_wrap, run_main)
+                             step_optimizers, synchronize, get_peak_flops, compile_and_wrap, run_main)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader, prefetch
@@ -252,15 +252,10 @@ def main():
         if args.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
         if muon is not None:
             for group in muon.param_groups:
                 group["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
-        orig_model.zero_grad(set_to_none=True)
+        step_optimizers(optimizers, orig_model, lrm)
         synchronize(device_type)
         dt = time.time() - t0
         step += 1

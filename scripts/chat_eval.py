@@ -19,9 +19,9 @@ from tqdm import tqdm
 from nanochat.common import (add_checkpoint_args, compute_init, compute_cleanup, print0, ArgumentParser, get_autocast_ctx,
                              run_main)
 from nanochat.checkpoint_manager import load_model
+from nanochat.dataset import use_hf_local
 from nanochat.engine import Engine
 from nanochat.report import write_stage
-from tasks.hf import use_hf_local
 from tasks.registry import load_task, task_names
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ from nanochat.common import ArgumentParser, repo_dir, run_main
 from nanochat.sft import add_sft_args, run_sft
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
-from tasks.hf import use_hf_local
 from tasks.stdlib_qa import StdlibChat
 from tasks.smoltalk import SmolTalk
 from tasks.mmlu import MMLU
@@ -50,12 +49,5 @@ parser.add_argument("--custom-json", type=str, action="append", default=[],
                     help="extra JSONL file(s) of {'messages': [...]} conversations (repeatable)")
 
 
-def main():
-    args = parser.parse_args()
-    use_hf_local(args.hf_local)
-    train_task, val_task = build_sft_tasks(args)
-    run_sft(args, train_task, val_task, out_source="sft", stage="sft")
-
-
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: run_sft(parser.parse_args(), build_sft_tasks, out_source="sft", stage="sft"))

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from nanochat.common import (ArgumentParser, add_checkpoint_args, compute_init, compute_cleanup, print0, run_main,
                              get_autocast_ctx, atomic_write_json, atomic_write_text)
 from nanochat.checkpoint_manager import load_model
+from nanochat.dataset import use_hf_local
 from nanochat.engine import Engine
 from nanochat.metrics import normalize_answer, strip_citations, is_abstention
 from nanochat.rag_utils import (compute_rag_reward, citation_correctness, compute_retrieval_recall,
@@ -46,7 +47,6 @@ from nanochat.rag_utils import (compute_rag_reward, citation_correctness, comput
 from nanochat.report import write_stage, report_dir
 from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts, last_user_message
 from tasks.baselines import baseline_answers, oracle_documents, BASELINE_RULES
-from tasks.hf import use_hf_local
 from tasks.rag_task import MultiHopRAGTask
 from tasks.registry import load_task, default_kb
 
@@ -83,6 +83,8 @@ parser.add_argument("--device-type", type=str, default="", help="cuda | cpu | mp
 MODEL_SYSTEMS = ("closed_book", "rag", "compare", "multihop_rule", "refrag", "rag_at_refrag_k")
 SYSTEM_NAMES = {"closed_book": "closed-book", "rag": "RAG", "compare": "no fine-tune, with documents",
                 "multihop_rule": "fixed-rule multi-hop", "refrag": "REFRAG", "rag_at_refrag_k": "RAG at REFRAG's k",
+                "first_sentence": "rule: first sentence of doc 1", "header_line": "rule: header line of doc 1",
+                "overlap_sentence": "rule: doc 1 sentence sharing most words", "per_type_rule": "rule: best per question type",
                 "oracle": "oracle: gold first + per-type rule"}
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,6 @@ checkpoint (load_model("rag")). Every flag also takes the seed's underscore spel
 from nanochat.common import ArgumentParser, print0, run_main
 from nanochat.retrieval import RetrievalManager
 from nanochat.sft import add_sft_args, run_sft
-from tasks.hf import use_hf_local
 from tasks.rag_task import create_rag_task
 from tasks.registry import load_task, default_kb
 
@@ -65,12 +64,5 @@ def build_rag_tasks(args):
     return train, val
 
 
-def main():
-    args = parser.parse_args()
-    use_hf_local(args.hf_local)
-    train_task, val_task = build_rag_tasks(args)
-    run_sft(args, train_task, val_task, out_source="rag", stage="rag_finetune")
-
-
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: run_sft(parser.parse_args(), build_rag_tasks, out_source="rag", stage="rag_finetune"))

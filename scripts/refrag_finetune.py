@@ -32,17 +32,17 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (ArgumentParser, compute_init, compute_cleanup, print0, run_main, get_autocast_ctx,
-                             lr_multiplier, synchronize, compile_and_wrap)
+                             lr_multiplier, step_optimizers, synchronize, compile_and_wrap)
 from nanochat.checkpoint_manager import (load_model, checkpoint_dir, save_checkpoint, make_meta, find_last_step,
                                          prepare_checkpoint_dir)
+from nanochat.dataset import use_hf_local
 from nanochat.engine import Engine
 from nanochat.rag_utils import compute_rag_reward, compute_retrieval_recall, doc_key
 from nanochat.report import log_step, write_stage, reset_log
 from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts, last_user_message
 from nanochat.rl import group_advantages, rollout_batch, policy_gradient_loss
-from nanochat.sft import add_sft_args, run_sft
+from nanochat.sft import add_sft_args, run_sft, make_optimizers
 from tasks.common import TaskMixture
-from tasks.hf import use_hf_local
 from tasks.multihop import RefragTask, HopReadingTask
 from tasks.rag_task import create_rag_task
 from tasks.registry import load_task, default_kb
@@ -82,8 +82,9 @@ parser.add_argument("--rl-eval-questions", type=int, default=32, help="validatio
 # data
 
 
-def build_tasks(args, manager):
+def build_tasks(args):
     """(train, val) of stage 1: gold trajectories mixed with single-hop reading examples; val = trajectories only."""
+    manager = RetrievalManager(args.retriever_type, args.knowledge_base or default_kb())
     qa = load_task(args.train_data, "train")
     n = len(qa) if args.max_examples <= 0 else min(len(qa), args.max_examples)
     n_val = min(args.val_examples, n // 4)  # a quarter at most: the built-in sets are small
@@ -164,13 +165,7 @@ def run_rl(args, source, model_tag, step):
     hop0 = dict(zip(train_idx + val_idx, manager.batch_retrieve([last_user_message(qa[i]) for i in train_idx + val_idx],
                                                                 args.top_k)))
 
-    optimizers = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                             matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
-                                             mamba_lr=args.mamba_lr)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["lr"] * args.rl_init_lr_frac
-            group["initial_lr"] = group["lr"]
+    optimizers = make_optimizers(orig_model, args, args.rl_init_lr_frac)
     pad_id = tokenizer.get_bos_token_id()
     seq_len = orig_model.config.sequence_len
     top_k = args.rl_top_k if args.rl_top_k > 0 else None
@@ -244,11 +239,7 @@ def run_rl(args, source, model_tag, step):
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
         lrm = lr_multiplier(step, args.rl_steps, 0.0, args.warmdown_ratio, 0.0)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            opt.step()
-        orig_model.zero_grad(set_to_none=True)
+        step_optimizers(optimizers, orig_model, lrm)
         if ddp:
             t = torch.tensor([logs[k] for k in logs], dtype=torch.float64, device=device)
             dist.all_reduce(t)
@@ -294,11 +285,8 @@ def main():
     args = parser.parse_args()
     use_hf_local(args.hf_local)
     if args.stage in ("sft", "all"):
-        kb = args.knowledge_base or default_kb()
-        manager = RetrievalManager(args.retriever_type, kb)
-        train_task, val_task = build_tasks(args, manager)
         rl_next = args.stage == "all" and args.use_rewards == "true"
-        figures = run_sft(args, train_task, val_task, out_source="refrag", stage="refrag_sft", cleanup=not rl_next)
+        figures = run_sft(args, build_tasks, out_source="refrag", stage="refrag_sft", cleanup=not rl_next)
         if rl_next:
             out_tag = figures["output"].split("/", 1)[1]
             run_rl(args, "refrag", out_tag, find_last_step(checkpoint_dir("refrag", out_tag)))

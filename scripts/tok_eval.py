@@ -9,8 +9,15 @@ The tiktoken encodings download their files on first use; offline they are repor
 """
 
 import os
+import heapq
+import inspect
+import textwrap
+import json.decoder
 
-from nanochat.common import ArgumentParser  # noqa: E402
+from nanochat.common import ArgumentParser, get_base_dir, print0, atomic_write_text
+from nanochat.dataset import default_data_dir, sample_texts
+from nanochat.report import write_stage
+from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 parser = ArgumentParser(description="Tokenizer compression vs GPT-2 / GPT-4 (bytes per token)")
 parser.add_argument("--tokenizer-dir", type=str, default=None,
@@ -21,11 +28,6 @@ parser.add_argument("--val-chars", type=lambda s: int(float(s)), default=1_000_0
 parser.add_argument("--output", type=str, default=None,
                     help="markdown report path (default: $NANOCHAT_BASE_DIR/report/tok_eval.md)")
 args = parser.parse_args()
-
-import inspect  # noqa: E402
-
-from nanochat.common import get_base_dir, print0, atomic_write_text  # noqa: E402
-from nanochat.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the texts
@@ -52,21 +54,12 @@ Whitespace:    four spaces,\ttab,\t\ttwo tabs, trailing   \n\n\nthree newlines.
 
 def code_sample():
     # Python source that every install has (stdlib modules), not training-specific
-    import json.decoder
-    import textwrap
-    import heapq
     return "\n".join(inspect.getsource(m) for m in (json.decoder, textwrap, heapq))
 
 
 def val_sample():
-    from nanochat.dataset import iter_texts, default_data_dir
     data_dir = args.data_dir or default_data_dir()
-    texts, n = [], 0
-    for doc in iter_texts(data_dir, split="val"):
-        texts.append(doc)
-        n += len(doc)
-        if n >= args.val_chars:
-            break
+    texts = sample_texts(data_dir, "val", args.val_chars)
     if not texts:
         raise ValueError(f"no val documents in {data_dir}")
     return "\n".join(texts)
@@ -136,6 +129,5 @@ if unavailable:
 out_path = args.output or os.path.join(get_base_dir(), "report", "tok_eval.md")
 atomic_write_text(out_path, "\n".join(report))
 print0(f"wrote {out_path}")
-from nanochat.report import write_stage
 write_stage("tok_eval", {f"{row['text']} bytes/token (ours)": round(row["ours"][1], 3) for row in rows},
             markdown=table + (f"\n\nUnavailable offline: {', '.join(unavailable)}." if unavailable else ""))

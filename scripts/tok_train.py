@@ -12,7 +12,12 @@ prints the training time and the compression (UTF-8 bytes per token) on the val 
 import os
 import time
 
-from nanochat.common import ArgumentParser  # noqa: E402
+from tqdm import tqdm
+
+from nanochat.common import ArgumentParser, get_base_dir, print0
+from nanochat.dataset import iter_texts, default_data_dir, sample_texts
+from nanochat.report import write_stage
+from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS
 
 parser = ArgumentParser(description="Train the nanochat-rag BPE tokenizer (rustbpe -> tiktoken)")
 parser.add_argument("--vocab-size", type=int, default=32768,
@@ -28,11 +33,6 @@ parser.add_argument("--val-chars", type=lambda s: int(float(s)), default=2_000_0
                     help="characters of val text for the compression check (default: 2e6)")
 args = parser.parse_args()
 
-from tqdm import tqdm  # noqa: E402
-
-from nanochat.common import get_base_dir, print0  # noqa: E402
-from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS  # noqa: E402
-
 # -----------------------------------------------------------------------------
 # checks
 
@@ -42,9 +42,6 @@ if args.vocab_size < 256 + len(SPECIAL_TOKENS):
 for name in ("max_chars", "doc_cap", "val_chars"):
     if getattr(args, name) <= 0:
         parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-
-# the dataset module is imported here, after argparse, so --help works on its own
-from nanochat.dataset import iter_texts, default_data_dir  # noqa: E402
 
 data_dir = args.data_dir or default_data_dir()
 output_dir = args.output or os.path.join(get_base_dir(), "tokenizer")
@@ -88,12 +85,7 @@ print0(f"saved {path}")
 # -----------------------------------------------------------------------------
 # sanity check: compression on the val split, and an exact round trip
 
-val_texts, n = [], 0
-for doc in iter_texts(data_dir, split="val"):
-    val_texts.append(doc)
-    n += len(doc)
-    if n >= args.val_chars:
-        break
+val_texts = sample_texts(data_dir, "val", args.val_chars)
 if val_texts:
     encoded = tokenizer.encode(val_texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
@@ -104,7 +96,6 @@ if val_texts:
 else:
     print0("no val text found: compression check skipped")
 
-from nanochat.report import write_stage
 figures = dict(vocab_size=tokenizer.get_vocab_size(), train_documents=stats["docs"], train_chars=stats["chars"],
                train_seconds=round(train_time, 2), data_dir=data_dir)
 if val_texts:

@@ -10,22 +10,19 @@ A-D; a few have 3 or 5, and a few are labelled 1-4: those are mapped to A-D here
 letter (the same answer space the model sees in MMLU).
 """
 
-from tasks.common import check_choice, render_mc, mc_letter
-from tasks.hf import HubTask
+from tasks.common import render_mc, mc_letter
+from tasks.hf import SubsetSplitTask
 
 REPO_ID = "allenai/ai2_arc"
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
-SPLITS = ("train", "validation", "test")
+SPLITS = {subset: ("train", "validation", "test") for subset in SUBSETS}
 ALPHABET = "ABCDEFGH"
 
 
-class ARC(HubTask):
+class ARC(SubsetSplitTask):
     eval_type = "categorical"
 
-    def __init__(self, subset, split, local_path=None, seed=42, **view):
-        self.subset = check_choice("ARC subset", subset, SUBSETS)
-        self.split = check_choice("ARC split", split, SPLITS)
-        super().__init__(REPO_ID, [f"{subset}/{split}-00000-of-00001.parquet"], local_path, seed, **view)
+    repo_id, splits = REPO_ID, SPLITS
 
     def make_example(self, row, where):
         where = f"{where} (id {row.get('id')!r})"

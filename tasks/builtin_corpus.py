@@ -6,6 +6,7 @@ Python install has, so the whole pipeline runs with no network.
     python -m tasks.builtin_corpus                                # -> <repo>/data/builtin/corpus (10 parquet shards)
     python -m tasks.builtin_corpus --with-source --site-packages --max-chars 3e8 --output DIR   # the GPU corpus
     python -m tasks.builtin_corpus --with-source --site-packages --max-chars 3e8 --prose .carry/prose/prose.parquet
+    python -m tasks.builtin_corpus --reading-practice --doc-chars 300 --practice-chars 750   # the CPU default's corpus
 
 --prose FILE (repeatable) adds English prose documents (a parquet file with a "text" column, built by
 dev/build_prose.sh / tasks/prose.py) to the TRAIN shards only: the validation shard stays exactly the Python-only
@@ -13,6 +14,12 @@ shard of the same build without --prose, so val bpb stays comparable across runs
 is measured downstream, by rag_eval). The output is a data directory that nanochat.dataset reads like any other
 (the last shard is validation), plus manifest.json with the counts, the held-out module list and what prose was
 added (per source: documents, chars, package, licence).
+
+--reading-practice adds, to the TRAIN shards only as well, reading exercises made from train-module records
+(tasks/reading_practice.py: KB-style documents, then questions of the built-in QA's kinds and their verbatim answers
+with a citation), so that a small model learns to copy an answer span from a document while pretraining. --doc-chars
+should match the KB's (tasks.stdlib_qa --doc-chars), and --practice-chars keeps an exercise inside one row of the
+base model's context (about 3 characters per token with the CPU default's 2048-token vocabulary).
 """
 
 import os
@@ -28,6 +35,8 @@ from nanochat.common import atomic_dir, print0, ArgumentParser, run_main
 from nanochat.dataset import builtin_corpus_dir
 from tasks.stdlib_docs import harvest, record_split, module_split, first_sentence
 from tasks.prose import read_prose
+from tasks.reading_practice import reading_exercises
+from tasks.stdlib_qa import KB_DOC_CHARS
 
 
 
@@ -94,7 +103,8 @@ def python_source_documents(site_packages=False, max_chars=None, max_file_bytes=
 
 
 def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modules=None, row_group_size=1000,
-                         progress=True, extra_docs=None, prose_files=None):
+                         progress=True, extra_docs=None, prose_files=None, reading_practice=False,
+                         doc_chars=KB_DOC_CHARS, practice_chars=900):
     """
     Write the built-in corpus: every harvested stdlib record of a TRAIN module (eval and rag modules are left out
     entirely, see tasks/stdlib_docs.py), shuffled with a fixed seed, split evenly into num_shards parquet shards
@@ -102,7 +112,8 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
     records: pre-harvested records (else harvest(max_modules)). extra_docs: more documents (Python source) mixed
     in before the split. prose_files: prose parquet files (tasks/prose.py) whose documents are spread over the
     train shards only (each such shard shuffled with a fixed seed); the validation shard is the same as without
-    them. Returns the output dir.
+    them. reading_practice: reading exercises of train-module records (tasks/reading_practice.reading_exercises
+    with doc_chars and max_chars=practice_chars) spread over the train shards like prose. Returns the output dir.
     """
     if num_shards < 2:
         raise ValueError(f"num_shards must be >= 2 (the last shard is validation), got {num_shards}")
@@ -118,18 +129,21 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
         records = harvest(max_modules=max_modules, progress=progress)
     train = [r for r in records if record_split(r) == "train"]
     held_out = sorted({r["module"].split(".")[0] for r in records if record_split(r) != "train"})
+    practice_stats = {}
+    practice_docs = reading_exercises(records, doc_chars, practice_chars, stats=practice_stats) if reading_practice else []
     docs = [format_record(r) for r in sorted(train, key=lambda r: r["id"])] + list(extra_docs or [])
     if len(docs) < num_shards:
         raise ValueError(f"only {len(docs)} train documents for {num_shards} shards")
     random.Random(1337).shuffle(docs)  # shards (and the validation shard) mix all modules
     bounds = [len(docs) * i // num_shards for i in range(num_shards + 1)]
-    random.Random(4242).shuffle(prose_docs)  # then cut into num_shards - 1 even runs, one per train shard
-    prose_bounds = [len(prose_docs) * i // (num_shards - 1) for i in range(num_shards)]
+    train_only = prose_docs + practice_docs
+    random.Random(4242).shuffle(train_only)  # then cut into num_shards - 1 even runs, one per train shard
+    prose_bounds = [len(train_only) * i // (num_shards - 1) for i in range(num_shards)]
     shards = []
     with atomic_dir(output_dir, marker="manifest.json") as tmp:
         for i in range(num_shards):
             part = docs[bounds[i]:bounds[i + 1]]
-            prose_part = prose_docs[prose_bounds[i]:prose_bounds[i + 1]] if i < num_shards - 1 else []
+            prose_part = train_only[prose_bounds[i]:prose_bounds[i + 1]] if i < num_shards - 1 else []
             if prose_part:  # mixed within the shard, so every stretch of training (and tok_train's sample) has both
                 part = part + prose_part
                 random.Random(1337 + i).shuffle(part)
@@ -137,14 +151,14 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
             pq.write_table(pa.table({"text": part}), os.path.join(tmp, name), row_group_size=row_group_size)
             shards.append({"file": name, "documents": len(part), "chars": sum(len(d) for d in part),
                            "split": "val" if i == num_shards - 1 else "train"})
-            if prose_files:
-                shards[-1]["prose_documents"] = len(prose_part)
+            if prose_files or reading_practice:  # prose and exercises together: one count of both
+                shards[-1]["prose_documents" if not reading_practice else "train_only_documents"] = len(prose_part)
         manifest = {
             "what": "nanochat-rag built-in pretraining corpus: Python standard library docs of train modules"
                     + (", plus English prose in the train shards" if prose_files else ""),
             "python_version": sys.version.split()[0],
             "records_harvested": len(records),
-            "documents": len(docs) + len(prose_docs),
+            "documents": len(docs) + len(train_only),
             "chars": sum(s["chars"] for s in shards),
             "excluded_eval_records": len(records) - len(train),
             "extra_documents": len(extra_docs or []),
@@ -161,11 +175,18 @@ def build_builtin_corpus(output_dir=None, num_shards=10, records=None, max_modul
                 "why": "train shards only: the validation shard is byte-identical to the build without prose, so "
                        "val bpb stays comparable; reading English is measured by rag_eval",
             }
+        if reading_practice:
+            manifest["reading_practice"] = {
+                **practice_stats, "doc_chars": doc_chars, "max_chars": practice_chars, "in_validation": False,
+                "why": "copy practice for small models (tasks/reading_practice.py); train-module records only, train "
+                       "shards only, so val bpb stays comparable",
+            }
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
     print0(f"built-in corpus: {manifest['documents']} documents, {manifest['chars']:,} chars in {num_shards} shards "
            f"-> {output_dir} ({manifest['excluded_eval_records']} records of {len(held_out)} held-out modules "
-           f"left out" + (f"; {len(prose_docs):,} prose documents in the train shards" if prose_files else "") + ")")
+           f"left out" + (f"; {len(prose_docs):,} prose documents in the train shards" if prose_files else "")
+           + (f"; {len(practice_docs):,} reading exercises in the train shards" if reading_practice else "") + ")")
     return output_dir
 
 # -----------------------------------------------------------------------------
@@ -184,13 +205,20 @@ def main():
     parser.add_argument("--max-chars", type=float, default=None, help="with --with-source: cap on the source text added")
     parser.add_argument("--prose", type=str, action="append", default=None, metavar="FILE",
                         help="a prose parquet file (dev/build_prose.sh) to add to the train shards; repeatable")
+    parser.add_argument("--reading-practice", action="store_true", help="add reading exercises made from train-module "
+                        "records (tasks/reading_practice.py) to the train shards")
+    parser.add_argument("--doc-chars", type=int, default=KB_DOC_CHARS, help="with --reading-practice: cap on each "
+                        "exercise document's docstring (use the KB's, tasks.stdlib_qa --doc-chars)")
+    parser.add_argument("--practice-chars", type=int, default=900, help="with --reading-practice: cap on each "
+                        "exercise's length in characters (keep it inside one row of the base model's context)")
     args = parser.parse_args()
     extra = None
     if args.with_source:
         extra = python_source_documents(args.site_packages, int(args.max_chars) if args.max_chars else None)
         print0(f"python source: {len(extra):,} files, {sum(len(d) for d in extra):,} chars")
     build_builtin_corpus(args.output, num_shards=args.num_files or (10 if extra is None else 40), extra_docs=extra,
-                         prose_files=args.prose)
+                         prose_files=args.prose, reading_practice=args.reading_practice, doc_chars=args.doc_chars,
+                         practice_chars=args.practice_chars)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,27 @@ class Task(ABC):
             yield self.get_example(physical)
 
 
+class TaskOver(Task):
+    """
+    One example per example of base_task, made from it (the RAG views: RAGTask, MultiHopRAGTask, RefragTask): the
+    same length, eval type and scoring as the base task; subclasses implement get_example.
+    """
+
+    def __init__(self, base_task, **view):
+        super().__init__(**view)
+        self.base_task = base_task
+
+    @property
+    def eval_type(self):
+        return self.base_task.eval_type
+
+    def num_examples(self):
+        return len(self.base_task)
+
+    def evaluate(self, conversation, assistant_response):
+        return self.base_task.evaluate(conversation, assistant_response)
+
+
 class TaskMixture(Task):
     """
     All (task, idx) pairs of the tasks, shuffled once with a fixed seed, so a training loop sees the datasets

@@ -15,12 +15,11 @@ the text parts. The final "#### 72" line stays in the text.
 import re
 from fractions import Fraction
 
-from tasks.common import check_choice
-from tasks.hf import HubTask
+from tasks.hf import SubsetSplitTask
 
 REPO_ID = "openai/gsm8k"
 SUBSETS = ("main", "socratic")
-SPLITS = ("train", "test")
+SPLITS = {subset: ("train", "test") for subset in SUBSETS}
 CALC_RE = re.compile(r"<<([^<>]*)>>")
 ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?|-?\.[0-9]+)")
 
@@ -52,13 +51,10 @@ def extract_answer(text):
     return Fraction(matches[-1].replace(",", ""))
 
 
-class GSM8K(HubTask):
+class GSM8K(SubsetSplitTask):
     eval_type = "generative"
 
-    def __init__(self, subset, split, local_path=None, seed=42, **view):
-        self.subset = check_choice("GSM8K subset", subset, SUBSETS)
-        self.split = check_choice("GSM8K split", split, SPLITS)
-        super().__init__(REPO_ID, [f"{subset}/{split}-00000-of-00001.parquet"], local_path, seed, **view)
+    repo_id, splits = REPO_ID, SPLITS
 
     def make_example(self, row, where):
         question, answer = row.get("question"), row.get("answer")

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from nanochat.common import read_jsonl
 from nanochat.dataset import hub_file
-from tasks.common import Task, shuffled_order
+from tasks.common import Task, shuffled_order, check_choice
 
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json")
 
@@ -119,15 +119,6 @@ def read_rows(paths):
     return rows
 
 
-def use_hf_local(path):
-    """What the scripts' --hf-local DIR does: make DIR/<repo_id>/<file> the first place task_files looks
-    (through the environment, so torchrun's other processes and every task see it). None: no change."""
-    if path:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"--hf-local: {path} is not a directory (expected DIR/<repo_id>/<file>)")
-        os.environ["NANOCHAT_HF_LOCAL"] = os.path.abspath(path)
-
-
 def _hint(repo_id, filename):
     return (f"Put it at DIR/{repo_id}/{filename} and pass --hf-local DIR to the script (NANOCHAT_HF_LOCAL=DIR), pass "
             f"local_path= (the file, or a directory holding {filename}) to the task, or set HF_ENDPOINT to a "
@@ -203,3 +194,15 @@ class HubTask(Task):
         row_idx = self.order[index]
         source = self.paths[0] if len(self.paths) == 1 else self.paths
         return self.make_example(self.rows[row_idx], f"{source}: row {row_idx}")
+
+
+class SubsetSplitTask(HubTask):
+    """A HubTask whose data is one parquet file per (subset, split), "{subset}/{split}-00000-of-00001.parquet" (the
+    layout ARC, GSM8K and MMLU share): a subclass sets repo_id and splits = {subset: (split, ...)}."""
+    repo_id, splits = None, {}
+
+    def __init__(self, subset, split, local_path=None, seed=42, **view):
+        name = type(self).__name__
+        self.subset = check_choice(f"{name} subset", subset, list(self.splits))
+        self.split = check_choice(f"{name} split (subset {subset})", split, self.splits[subset])
+        super().__init__(self.repo_id, [f"{subset}/{split}-00000-of-00001.parquet"], local_path, seed, **view)

@@ -9,8 +9,8 @@ Rows: question (str), subject (str), choices (4 str), answer (int 0..3; a letter
 The auxiliary_train parquet wraps each row in a single `train` column; it is unwrapped here.
 """
 
-from tasks.common import check_choice, render_mc, mc_letter
-from tasks.hf import HubTask
+from tasks.common import render_mc, mc_letter
+from tasks.hf import SubsetSplitTask
 
 REPO_ID = "cais/mmlu"
 SPLITS = {
@@ -20,15 +20,10 @@ SPLITS = {
 LETTERS = ("A", "B", "C", "D")
 
 
-class MMLU(HubTask):
+class MMLU(SubsetSplitTask):
     eval_type = "categorical"
 
-    def __init__(self, subset, split, local_path=None, seed=42, **view):
-        self.subset = check_choice("MMLU subset", subset, list(SPLITS))
-        self.split = check_choice(f"MMLU split (subset {subset})", split, SPLITS[subset])
-        filename = "auxiliary_train/train-00000-of-00001.parquet" if subset == "auxiliary_train" \
-            else f"all/{split}-00000-of-00001.parquet"
-        super().__init__(REPO_ID, [filename], local_path, seed, **view)
+    repo_id, splits = REPO_ID, SPLITS
 
     def make_example(self, row, where):
         if set(row) == {"train"} and isinstance(row["train"], dict):

@@ -54,7 +54,7 @@ from nanochat.metrics import token_f1, strip_citations, normalize_answer
 from nanochat.rag_utils import as_doc_dict, doc_key
 from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts, last_user_message
 from nanochat.tokenizer import NOTICE_NO_NEW_DOCUMENTS
-from tasks.common import Task, assistant_text
+from tasks.common import Task, TaskOver, assistant_text
 from tasks.qa import QAJsonl
 from tasks.rag_task import cite_gold
 
@@ -186,7 +186,7 @@ def _manager(retriever, retriever_type):
     return retriever
 
 
-class RefragTask(Task):
+class RefragTask(TaskOver):
     """
     Gold REFRAG trajectories from the hops of a multihop-schema task (see the module docstring for the format):
     hop 0 shows the top_k documents retrieved for the question; then, for each hop in order whose supporting
@@ -204,11 +204,10 @@ class RefragTask(Task):
 
     def __init__(self, base_task, retriever, top_k=5, top_k_per_hop=3, max_hops=3, seed=0, raft=True,
                  retriever_type="bm25", insert_position="before_user", precompute=False, **view):
-        super().__init__(**view)
+        super().__init__(base_task, **view)
         for name, value, low in (("top_k", top_k, 1), ("top_k_per_hop", top_k_per_hop, 1), ("max_hops", max_hops, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        self.base_task = base_task
         self.retriever = _manager(retriever, retriever_type)
         self.top_k, self.top_k_per_hop, self.max_hops = top_k, top_k_per_hop, max_hops
         self.seed, self.raft, self.insert_position = seed, raft, insert_position
@@ -217,16 +216,6 @@ class RefragTask(Task):
         self._cache = {}  # base index -> (question results, {hop index: results}), documents as dicts
         if precompute:
             self.precompute()
-
-    @property
-    def eval_type(self):
-        return self.base_task.eval_type
-
-    def num_examples(self):
-        return len(self.base_task)
-
-    def evaluate(self, conversation, assistant_response):
-        return self.base_task.evaluate(conversation, assistant_response)
 
     def _hop_jobs(self, example):
         """[(hop index, query)] of the hops that can ask for a passage."""

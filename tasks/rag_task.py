@@ -23,7 +23,7 @@ import random
 from tqdm import tqdm
 
 from nanochat.metrics import NO_ANSWER
-from tasks.common import Task, assistant_text
+from tasks.common import Task, TaskOver, assistant_text
 from tasks.customjson import CustomJSON
 from nanochat.retrieval import RetrievalManager, insert_retrieval_message, results_to_dicts, last_user_message
 from nanochat.rag_utils import add_citations, as_doc_dict, doc_key, extract_citations_from_response
@@ -74,17 +74,16 @@ def _base_manager(retriever, knowledge_base_path, retriever_type):
 # RAGTask: retrieval from a KB, cached once per example
 
 
-class RAGTask(Task):
+class RAGTask(TaskOver):
 
     def __init__(self, base_task, knowledge_base_path=None, retriever_type="bm25", top_k=5,
                  insert_position="before_user", retriever=None, raft=False, p_no_gold=0.2, seed=0, cite=True,
                  precompute=False, **view):
-        super().__init__(**view)
+        super().__init__(base_task, **view)
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if not 0.0 <= p_no_gold <= 1.0:
             raise ValueError(f"p_no_gold must be in [0, 1], got {p_no_gold}")
-        self.base_task = base_task
         self.retriever = _base_manager(retriever, knowledge_base_path, retriever_type)
         self.top_k, self.insert_position = top_k, insert_position
         self.raft, self.p_no_gold, self.seed, self.cite = raft, p_no_gold, seed, cite
@@ -93,16 +92,6 @@ class RAGTask(Task):
         self._cache = {}  # base index -> retrieved documents (dicts)
         if precompute:
             self.precompute()
-
-    @property
-    def eval_type(self):
-        return self.base_task.eval_type
-
-    def num_examples(self):
-        return len(self.base_task)
-
-    def evaluate(self, conversation, assistant_response):
-        return self.base_task.evaluate(conversation, assistant_response)
 
     def precompute(self, batch_size=256, show_progress=True):
         """Retrieve for every example of this view not yet cached, batch_size queries per batch_retrieve call."""
@@ -200,28 +189,17 @@ def make_hop_query(question, previous_docs):
     return " ".join([question] + [d["title"] or _first_sentence(d["content"]) for d in previous_docs])
 
 
-class MultiHopRAGTask(Task):
+class MultiHopRAGTask(TaskOver):
 
     def __init__(self, base_task, knowledge_base_path=None, retriever_type="bm25", top_k_per_hop=3, num_hops=2,
                  retriever=None, insert_position="before_user", cite=True, hop_query_fn=make_hop_query, **view):
-        super().__init__(**view)
+        super().__init__(base_task, **view)
         if top_k_per_hop < 1 or num_hops < 1:
             raise ValueError(f"need top_k_per_hop >= 1 and num_hops >= 1, got {top_k_per_hop}, {num_hops}")
-        self.base_task = base_task
         self.retriever = _base_manager(retriever, knowledge_base_path, retriever_type)
         self.top_k_per_hop, self.num_hops = top_k_per_hop, num_hops
         self.insert_position, self.cite, self.hop_query_fn = insert_position, cite, hop_query_fn
         self._cache = {}
-
-    @property
-    def eval_type(self):
-        return self.base_task.eval_type
-
-    def num_examples(self):
-        return len(self.base_task)
-
-    def evaluate(self, conversation, assistant_response):
-        return self.base_task.evaluate(conversation, assistant_response)
 
     def retrieve_hops(self, question):
         """[[hop-1 docs], [hop-2 docs], ...]: each hop's documents are new (not retrieved by an earlier hop)."""
@@ -253,12 +231,11 @@ class MultiHopRAGTask(Task):
         return cite_gold(conversation, docs, self.cite)
 
 
+RAG_TASKS = {"rag": RAGTask, "static": StaticRAGTask, "multihop": MultiHopRAGTask}
+
+
 def create_rag_task(kind="rag", **kwargs):
     """kind: rag (RAGTask), static (StaticRAGTask) or multihop (MultiHopRAGTask); kwargs go to the class."""
-    if kind == "rag":
-        return RAGTask(**kwargs)
-    elif kind == "static":
-        return StaticRAGTask(**kwargs)
-    elif kind == "multihop":
-        return MultiHopRAGTask(**kwargs)
-    raise ValueError(f"unknown RAG task kind {kind!r}; choose from rag, static, multihop")
+    if kind not in RAG_TASKS:
+        raise ValueError(f"unknown RAG task kind {kind!r}; choose from {', '.join(RAG_TASKS)}")
+    return RAG_TASKS[kind](**kwargs)

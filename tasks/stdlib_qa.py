@@ -477,6 +477,16 @@ def gold_first_baselines(rows):
     return {rule: table[f"{rule}:em"] for rule in BASELINE_RULES + ("best_copy_rule",)}
 
 
+def api_name_sets(api):
+    """(unique_names, known_names) of the function/class/method records `api`, the name sets question_candidates
+    takes: function/class names that occur once (a "which module" question has one answer), and every name an xref
+    may point to."""
+    name_counts = Counter(r["name"] for r in api if r["kind"] in ("function", "class"))
+    unique_names = {n for n, c in name_counts.items() if c == 1}
+    known_names = {r["name"].rsplit(".", 1)[-1] for r in api} | {r["name"] for r in api} | {r["id"] for r in api}
+    return unique_names, known_names
+
+
 def build_stdlib_data(output_dir=None, max_docs=4000, max_train=3000, max_eval=300, max_sft=2000, records=None,
                       modules=None, identity_file=IDENTITY_FILE, progress=True, doc_chars=KB_DOC_CHARS, max_dev=300):
     """Write kb_documents.jsonl, qa_{train,dev,eval}.jsonl, sft_{train,val}.jsonl and manifest.json; returns the
@@ -489,9 +499,7 @@ def build_stdlib_data(output_dir=None, max_docs=4000, max_train=3000, max_eval=3
         raise ValueError("no function/class/method records to build from (harvest found nothing?)")
     tops = {split: sorted({r["module"].split(".")[0] for r in api if qa_split(r["module"]) == split})
             for split in QA_SPLITS}
-    name_counts = Counter(r["name"] for r in api if r["kind"] in ("function", "class"))
-    unique_names = {n for n, c in name_counts.items() if c == 1}
-    known_names = {r["name"].rsplit(".", 1)[-1] for r in api} | {r["name"] for r in api} | {r["id"] for r in api}
+    unique_names, known_names = api_name_sets(api)
 
     # questions, then the KB: every gold document plus a sha1-ordered sample
     kb_by_id = {r["id"]: kb_document(r, doc_chars) for r in api}

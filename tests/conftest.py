@@ -30,6 +30,22 @@ def stdlib_texts(limit_chars=400_000):
     return out
 
 
+def saved_bytes_and_grads(model, loss_fn):
+    """(bytes autograd saves for backward outside checkpointed regions, the loss, {name: grad}) of one backward of
+    loss_fn() (tests of activation checkpointing and of the Mamba scan's recompute)."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return saved[0], loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from nanochat.tokenizer import Tokenizer

@@ -6,6 +6,7 @@ the train shards only. And for tasks/prose.py, the prose extraction from Debian 
 """
 
 import os
+import re
 import gzip
 import json
 
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from nanochat.dataset import list_data_files, iter_texts
 from tasks.builtin_corpus import build_builtin_corpus
+from tasks.reading_practice import reading_exercises
 from tasks.stdlib_docs import harvest, module_split
 from tasks import prose
 
@@ -100,6 +102,27 @@ def test_builtin_corpus_with_prose(tmp_path, records):
     with pytest.raises(FileNotFoundError, match="build_prose.sh"):
         build_builtin_corpus(tmp_path / "bad", num_shards=3, records=records, prose_files=[tmp_path / "none.parquet"])
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_builtin_corpus_with_reading_practice(tmp_path, records):
+    plain = build_builtin_corpus(tmp_path / "plain", num_shards=3, records=records, progress=False)
+    out = build_builtin_corpus(tmp_path / "with", num_shards=3, records=records, progress=False,
+                               reading_practice=True, doc_chars=300, practice_chars=750)
+    expected = reading_exercises(records, doc_chars=300, max_chars=750)
+    assert expected
+    # the exercises are all in the train shards, the validation shard is the build without them, byte for byte
+    assert open(list_data_files(out)[-1], "rb").read() == open(list_data_files(plain)[-1], "rb").read()
+    train = list(iter_texts(out, "train"))
+    assert sorted(t for t in train if t.startswith("[1] Title: ")) == sorted(expected)
+    assert sorted(t for t in train if not t.startswith("[1] Title: ")) == sorted(iter_texts(plain, "train"))
+    # every document an exercise shows is a train module's (held-out modules never reach pretraining)
+    for text in expected:
+        for title in re.findall(r"^\[\d+\] Title: (\S+)$", text, re.M):
+            assert module_split(title.rsplit(".", 1)[0]) == "train", title
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    assert m["reading_practice"]["exercises"] == len(expected) and m["reading_practice"]["in_validation"] is False
+    assert sum(s.get("train_only_documents", 0) for s in m["shards"]) == len(expected)
+    assert "reading_practice" not in json.load(open(os.path.join(plain, "manifest.json")))
 
 # -----------------------------------------------------------------------------
 # tasks/prose.py: the extractors on hand-made inputs

@@ -10,6 +10,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig, parse_block_pattern
 from nanochat.mamba import mamba_flops_per_token
+from conftest import saved_bytes_and_grads
 
 
 def tiny_config(pattern, **kw):
@@ -177,30 +178,15 @@ def test_estimate_flops_counts_attention_and_ssd():
     assert m.estimate_flops() == 6 * nonembed(m) + 2 * 3 * ssd
 
 
-def saved_bytes_and_grads(model, fn, idx):
-    """Bytes autograd saves for backward outside checkpointed regions, the loss, and the gradients of one step."""
-    saved = [0]
-
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
-
-    model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn(idx, idx.roll(-1, 1))
-    loss.backward()
-    return saved[0], loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("pattern", ["TT", "MM", "TM", "MMMT"])
 def test_activation_checkpointing_same_gradients(pattern):
     # blocks in float64 (the head's logits are float32 by design): the recomputed forward is the same computation,
     # so the gradients agree to rounding
     model = perturbed(make_model(pattern)).double()
     idx = torch.randint(0, 97, (2, 40))  # 40: five Mamba chunks of 8
-    saved_plain, loss_plain, g_plain = saved_bytes_and_grads(model, model, idx)
+    saved_plain, loss_plain, g_plain = saved_bytes_and_grads(model, lambda: model(idx, idx.roll(-1, 1)))
     assert model.set_activation_checkpointing(True) is model
-    saved_ckpt, loss_ckpt, g_ckpt = saved_bytes_and_grads(model, model, idx)
+    saved_ckpt, loss_ckpt, g_ckpt = saved_bytes_and_grads(model, lambda: model(idx, idx.roll(-1, 1)))
     assert loss_plain.item() == loss_ckpt.item()
     for n, g in g_plain.items():
         assert g.abs().sum() > 0, n
@@ -220,13 +206,13 @@ def test_activation_checkpointing_under_compile():
     # minutes on 2 cores); the Inductor whole-model compile is test_whole_model_torch_compile_matches_eager.
     model = perturbed(make_model("TM"))
     idx = torch.randint(0, 97, (2, 24))
-    _, loss_eager, g_eager = saved_bytes_and_grads(model, model, idx)
+    _, loss_eager, g_eager = saved_bytes_and_grads(model, lambda: model(idx, idx.roll(-1, 1)))
     saved = {}
     for enabled in (False, True):
         torch._dynamo.reset()
         model.set_activation_checkpointing(enabled)
         compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
-        saved[enabled], loss, grads = saved_bytes_and_grads(model, compiled, idx)
+        saved[enabled], loss, grads = saved_bytes_and_grads(model, lambda: compiled(idx, idx.roll(-1, 1)))
         assert abs(loss.item() - loss_eager.item()) < 1e-5
         for n, g in g_eager.items():
             assert torch.allclose(grads[n], g, atol=1e-6, rtol=1e-5), (enabled, n)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import saved_bytes_and_grads
 import nanochat.mamba as mamba_mod
 from nanochat.mamba import (Mamba2, ssd_chunked, ssd_sequential, mamba_flops_per_token, resolve_impl, causal_conv_silu,
                             ssd_scan_op, _discretized_scan)
@@ -264,26 +265,11 @@ def test_layer_gradients():
         assert p.grad.abs().sum() > 0, name
 
 
-def _saved_bytes_and_grads(m, u):
-    """Bytes autograd saves for backward outside checkpointed regions, and the gradients of one step."""
-    saved = [0]
-
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
-
-    m.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(u).square().mean()
-    loss.backward()
-    return saved[0], {n: p.grad.clone() for n, p in m.named_parameters()}
-
-
 def test_recompute_scan_same_gradients_less_saved(monkeypatch):
     m = tiny_mamba(torch.float32, ngroups=2)
     u = torch.randn(2, 64, 32)
-    stored, g_stored = _saved_bytes_and_grads(m.configure(recompute="0"), u)
-    recomputed, g_recomputed = _saved_bytes_and_grads(m.configure(recompute="1"), u)
+    stored, _, g_stored = saved_bytes_and_grads(m.configure(recompute="0"), lambda: m(u).square().mean())
+    recomputed, _, g_recomputed = saved_bytes_and_grads(m.configure(recompute="1"), lambda: m(u).square().mean())
     for n in g_stored:
         assert torch.allclose(g_stored[n], g_recomputed[n], rtol=1e-5, atol=1e-7), n
     assert recomputed < stored / 2, (recomputed, stored)  # the (Q, Q) chunk matrices are not kept

@@ -50,26 +50,34 @@ def test_rag_finetune_then_eval(sft_env, monkeypatch):
     with open(os.path.join(base, "report", "rag_eval_results.json")) as f:
         results = json.load(f)
     s = results["summary"]
-    for key in ("closed_book_em", "closed_book_f1", "closed_book_contains", "closed_book_hallucination_rate",
-                "rag_em", "rag_f1", "rag_contains", "rag_hallucination_rate", "rag_citation_accuracy",
-                "retrieval_recall@2", "retrieval_ndcg@2", "retrieval_mrr@2"):
+    systems = s["systems"]
+    # model rows, the no-fine-tune row (the checkpoint's parent, the base model) and the model-free baselines
+    for system in ("closed_book", "rag", "compare", "first_sentence", "header_line", "overlap_sentence",
+                   "per_type_rule", "oracle"):
+        assert system in systems, system
+    for key in ("em", "f1", "contains", "abstained", "hallucination", "citation", "all_gold", "any_gold"):
+        assert key in systems["rag"], key
+    assert systems["closed_book"]["citation"] is None and systems["rag"]["citation_always_1"] is not None
+    for key in ("retrieval_recall@2", "retrieval_ndcg@2", "retrieval_mrr@2"):
         assert key in s, key
     rows = results["rows"]
     assert s["n"] == 6 and len(rows) == 6
     assert all("answer" in r["rag"] and "answer" in r["closed_book"] for r in rows)
     # the summary is the mean of the rows, and each row's scores are those of its own answer and documents
-    from scripts.rag_eval import score_answer, retrieval_metrics
-    for mode in ("closed_book", "rag"):
-        for key, name in (("em", "em"), ("f1", "f1"), ("hallucination", "hallucination_rate")):
-            assert s[f"{mode}_{name}"] == pytest.approx(100 * sum(r[mode][key] for r in rows) / 6, abs=0.01)
+    from scripts.rag_eval import score_answer, retrieval_metrics, mean
+    for system in ("closed_book", "rag", "first_sentence"):
+        for key in ("em", "f1"):
+            assert systems[system][key] == pytest.approx(100 * sum(r[system][key] for r in rows) / 6, abs=0.01)
+    # hallucination over the answers that do not abstain only
+    assert systems["rag"]["hallucination"] == mean([r["rag"]["hallucination"] for r in rows])
     qa = [json.loads(x) for x in open(os.path.join(builtin, "qa_eval.jsonl"))][:6]
     for r, ex in zip(rows, qa):
         assert r["question"] == ex["messages"][0]["content"] and len(r["retrieved"]) == 2
         assert r["retrieval"] == retrieval_metrics(r["retrieved"], ex["gold_doc_ids"], 2)
-        assert r["closed_book"]["em"] == score_answer(r["closed_book"]["answer"], ex, [], False)["em"]
+        assert r["rag"]["em"] == score_answer(r["rag"]["answer"], ex, [])["em"]
     assert s["retrieval_recall@2"] == pytest.approx(100 * sum(r["retrieval"]["recall"] for r in rows) / 6, abs=0.01)
     md = open(os.path.join(base, "report", "rag_eval_results.md")).read()
-    assert "| metric | closed-book | RAG (top 2) | RAG - closed-book |" in md
+    assert "| RAG |" in md and "| closed-book |" in md and "| rule: first sentence of doc 1 |" in md and "always citing [1]" in md
 
 
 @pytest.mark.slow
@@ -98,19 +106,25 @@ def test_retrieval_only_eval(pipeline_env):
     assert 0 <= s["retrieval_recall@3"] <= 100 and "rag_em" not in s and "closed_book_em" not in s
 
 
-def test_rag_eval_scoring_and_side_by_side_table():
-    from scripts.rag_eval import score_answer, format_tables
+def test_rag_eval_scoring_and_table():
+    from scripts.rag_eval import score_answer, format_tables, summarize
     docs = [{"id": "a", "title": "", "content": "The capital of France is Paris."},
             {"id": "b", "title": "", "content": "Rome is in Italy."}]
     ex = {"answers": ["Paris"], "gold_doc_ids": ["a"]}
-    r = score_answer("Paris [1]", ex, docs, True)
-    assert r == {"em": 1.0, "f1": 1.0, "contains": 1.0, "hallucination": 0.0, "citation": 1.0}
-    r = score_answer("It is Paris, France [2]", ex, docs, True)
+    assert score_answer("Paris [1]", ex, docs) == {"em": 1.0, "f1": 1.0, "abstained": 0.0, "contains": 1.0,
+                                                   "hallucination": 0.0, "citation": 1.0}
+    r = score_answer("It is Paris, France [2]", ex, docs)
     assert r["em"] == 0.0 and r["contains"] == 1.0 and r["citation"] == 0.0 and 0 < r["f1"] < 1
-    assert score_answer("Moscow", ex, docs, False) == {"em": 0.0, "f1": 0.0, "contains": 0.0, "hallucination": 1.0}
-    summary = {"n": 10, "top_k": 3, "closed_book_em": 10.0, "closed_book_f1": 20.5, "rag_em": 45.0, "rag_f1": 60.25,
-               "rag_citation_accuracy": 80.0, "retrieval_recall@3": 90.0}
-    t = format_tables(summary, ["closed_book", "rag"])
-    assert "| exact match (%) | 10.00 | 45.00 | +35.00 |" in t and "| token F1 (%) | 20.50 | 60.25 | +39.75 |" in t
-    assert "| citation accuracy (%) | - | 80.00 | - |" in t and "| recall@3 | 90.00 |" in t
-    assert "| exact match (%) | 45.00 |" in format_tables(summary, ["rag"])
+    # citing nothing earns no citation credit; an abstention is counted as such and is never a hallucination
+    assert score_answer("Paris", ex, docs)["citation"] == 0.0
+    r = score_answer("The documents do not contain the answer.", ex, docs)
+    assert r["abstained"] == 1.0 and r["hallucination"] is None and r["em"] == 0.0
+    assert score_answer("Moscow", ex, [])["citation"] is None
+    # bracketed text that is the answer stays the answer
+    assert score_answer("[0, 1] [1]", {"answers": ["[0, 1]"], "gold_doc_ids": ["a"]}, docs)["em"] == 1.0
+    rows = [{"rag": {"em": 1.0, "f1": 1.0, "abstained": 0.0, "hallucination": 0.0, "citation": 1.0}, "citation_always_1": 1.0},
+            {"rag": {"em": 0.0, "f1": 0.5, "abstained": 1.0, "hallucination": None, "citation": 0.0}, "citation_always_1": 0.0}]
+    s = summarize(rows, ["rag"])["rag"]
+    assert (s["em"], s["f1"], s["abstained"], s["hallucination"], s["citation_always_1"]) == (50.0, 75.0, 50.0, 0.0, 50.0)
+    t = format_tables({"n": 2, "systems": {"rag": s}, "retrieval_recall@3": 90.0})
+    assert "| RAG | 50.0 | 75.0 |" in t and "always citing [1]" in t and "| recall@3 | 90.00 |" in t

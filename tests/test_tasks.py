@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from nanochat.dataset import HubFileUnavailable
 from nanochat.metrics import NO_ANSWER
 from tasks.common import Task, TaskMixture, render_mc, validate_conversation, mc_letter, shuffled_order, answer_match
-from tasks.hf import read_records, read_rows, task_files, use_hf_local, ParquetRows
+from tasks.hf import read_records, read_rows, task_files, ParquetRows
+from nanochat.dataset import use_hf_local
 from tasks.customjson import CustomJSON
 from tasks.smoltalk import SmolTalk
 from tasks.mmlu import MMLU

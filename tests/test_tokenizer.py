@@ -181,14 +181,26 @@ def test_save_load_roundtrip(tok, tmp_path):
     assert get_tokenizer(tmp_path / "tok").encode("same") == tok.encode("same")
 
 
-def _corrupt(tmp_path, tok, edit):
-    d = tmp_path / "bad"
-    path = tok.save(d)
-    with open(path) as f:
-        text = f.read()
-    with open(path, "w") as f:
-        f.write(edit(text))
-    return d, path
+def _edit_json(edit):
+    """A tokenizer.json edit that changes the parsed object: edit(data) mutates it in place."""
+    def apply(text):
+        data = json.loads(text)
+        edit(data)
+        return json.dumps(data)
+    return apply
+
+
+def _swap_token(data):  # one token's bytes changed, still valid base64: only the digest can tell
+    data["mergeable_ranks"][300][0] = base64.b64encode(b"\xff\xfe\xfd").decode()
+
+
+CORRUPTIONS = [
+    (lambda t: t[: len(t) // 2], "not valid JSON"),  # truncated
+    (lambda t: t.replace('"version": 1', '"version": 99'), "version 99"),
+    (_edit_json(_swap_token), "sha256"),
+    (_edit_json(lambda d: d["mergeable_ranks"][5].__setitem__(1, 6)), "entry 5"),
+    (_edit_json(lambda d: d["special_tokens"].pop("<|query_end|>")), "special_tokens"),
+]
 
 
 def test_load_errors(tok, tmp_path):
@@ -196,37 +208,19 @@ def test_load_errors(tok, tmp_path):
         Tokenizer.from_directory(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="tok_train"):
         get_tokenizer(str(tmp_path / "nowhere"))
-    d, path = _corrupt(tmp_path, tok, lambda t: t[: len(t) // 2])  # truncated
-    with pytest.raises(ValueError, match="not valid JSON") as e:
+
+
+@pytest.mark.parametrize("edit, message", CORRUPTIONS)
+def test_corrupted_file_is_named(tok, tmp_path, edit, message):
+    d = tmp_path / "bad"
+    path = tok.save(d)
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(edit(text))
+    with pytest.raises(ValueError, match=message) as e:
         Tokenizer.from_directory(d)
     assert path in str(e.value)
-    d, path = _corrupt(tmp_path, tok, lambda t: t.replace('"version": 1', '"version": 99'))
-    with pytest.raises(ValueError, match="version 99"):
-        Tokenizer.from_directory(d)
-
-    def swap_token(t):  # change one token's bytes but keep valid base64: only the digest can tell
-        data = json.loads(t)
-        data["mergeable_ranks"][300][0] = base64.b64encode(b"\xff\xfe\xfd").decode()
-        return json.dumps(data)
-    d, path = _corrupt(tmp_path, tok, swap_token)
-    with pytest.raises(ValueError, match="sha256"):
-        Tokenizer.from_directory(d)
-
-    def bad_rank(t):
-        data = json.loads(t)
-        data["mergeable_ranks"][5][1] = 6
-        return json.dumps(data)
-    d, path = _corrupt(tmp_path, tok, bad_rank)
-    with pytest.raises(ValueError, match="entry 5"):
-        Tokenizer.from_directory(d)
-
-    def bad_special(t):
-        data = json.loads(t)
-        del data["special_tokens"]["<|query_end|>"]
-        return json.dumps(data)
-    d, path = _corrupt(tmp_path, tok, bad_special)
-    with pytest.raises(ValueError, match="special_tokens"):
-        Tokenizer.from_directory(d)
 
 
 def test_from_pretrained_offline_is_clear():
