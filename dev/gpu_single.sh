@@ -66,7 +66,7 @@ if [ "${SMALL:-0}" = 1 ]; then
     HYB=TM; ALLT=TT; SEQ=128; DBS=4; TBS=1024; IT=6; VOCAB=1024; SRC=""; COMPILE=0; EV=10; RSEQ=256; BSMALL=--small; QA=
 else
     D="--depth 8 --aspect-ratio 64 --head-dim 128"
-    HYB=MMMTMMMT; ALLT=TTTTTTTT; SEQ=2048; DBS=32; TBS=262144; IT=${IT:-300}; VOCAB=16384
+    HYB=MMMTMMMT; ALLT=TTTTTTTT; SEQ=2048; DBS=${DBS:-32}; TBS=262144; IT=${IT:-300}; VOCAB=16384
     SRC="--with-source --site-packages --max-chars 3e8"; COMPILE=1; EV=${EV:-200}; RSEQ=1024; BSMALL=
     [ -f .carry/prose/prose.parquet ] && SRC="$SRC --prose .carry/prose/prose.parquet"  # dev/build_prose.sh, carried
     QA="--max-train 6000 --max-docs 8000"  # every rag-module question (~2,450; see tasks/stdlib_docs.py)
