@@ -31,7 +31,7 @@ def test_report_sections_plots_and_timings(base_dir):
     d = report.report_dir()
     assert os.path.getsize(os.path.join(d, "base_train_loss.png")) > 1000
     assert os.path.getsize(os.path.join(d, "rag_eval_bars.png")) > 1000
-    assert "![closed-book vs RAG](rag_eval_bars.png)" in text
+    assert "![EM and F1 per system](rag_eval_bars.png)" in text
     # reset starts a fresh report
     report.reset()
     assert not os.path.exists(os.path.join(d, "base_train.json")) and not os.path.exists(stages)
